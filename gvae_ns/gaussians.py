@@ -1,0 +1,66 @@
+"""The flat per-Gaussian state vector shared by the lineage file, the VAE and refinement.
+
+One row per Gaussian, 59 floats, in splatfacto's raw parameter space:
+
+| slice          | width | what                                    |
+|----------------|-------|-----------------------------------------|
+| ``MEANS``      | 3     | world position                          |
+| ``QUATS``      | 4     | rotation quaternion (w, x, y, z), raw   |
+| ``SCALES``     | 3     | log scale                               |
+| ``OPACITY``    | 1     | opacity logit                           |
+| ``SH_DC``      | 3     | SH band 0 (``features_dc``)             |
+| ``SH_REST``    | 45    | SH bands 1..3, (15, 3) flattened        |
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+MEANS = slice(0, 3)
+QUATS = slice(3, 7)
+SCALES = slice(7, 10)
+OPACITY = slice(10, 11)
+SH_DC = slice(11, 14)
+SH_REST = slice(14, 59)
+STATE_DIM = 59
+SH_REST_COEFFS = 15  # degree 3: (3 + 1) ** 2 - 1
+
+PARAM_NAMES = ("means", "quats", "scales", "opacities", "features_dc", "features_rest")
+
+
+def pack_state(params: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Pack splatfacto's ``gauss_params`` (or any dict with its names) into ``[N, 59]`` floats.
+
+    ``features_rest`` of a lower SH degree is zero-padded to degree 3.
+    """
+    n = params["means"].shape[0]
+    rest = params["features_rest"].reshape(n, -1, 3)
+    if rest.shape[1] < SH_REST_COEFFS:
+        pad = rest.new_zeros(n, SH_REST_COEFFS - rest.shape[1], 3)
+        rest = torch.cat([rest, pad], dim=1)
+    return torch.cat(
+        [
+            params["means"].reshape(n, 3),
+            params["quats"].reshape(n, 4),
+            params["scales"].reshape(n, 3),
+            params["opacities"].reshape(n, 1),
+            params["features_dc"].reshape(n, 3),
+            rest[:, :SH_REST_COEFFS].reshape(n, 45),
+        ],
+        dim=1,
+    ).float()
+
+
+def unpack_state(state: torch.Tensor, sh_rest_coeffs: int = SH_REST_COEFFS) -> Dict[str, torch.Tensor]:
+    """Inverse of :func:`pack_state`: ``[N, 59]`` -> splatfacto-shaped parameter dict."""
+    n = state.shape[0]
+    return {
+        "means": state[:, MEANS],
+        "quats": state[:, QUATS],
+        "scales": state[:, SCALES],
+        "opacities": state[:, OPACITY],
+        "features_dc": state[:, SH_DC],
+        "features_rest": state[:, SH_REST].reshape(n, SH_REST_COEFFS, 3)[:, :sh_rest_coeffs],
+    }

@@ -1,0 +1,203 @@
+"""Lineage -> tensors for the VAE: stage transitions (parent -> descendants) and ancestor histories.
+
+Every Gaussian alive at snapshot ``k + 1`` has exactly one nearest ancestor-or-self that was
+alive at snapshot ``k`` (walk parent links until one is in snapshot ``k``). Grouping snapshot
+``k + 1`` by that ancestor partitions it into the descendants of snapshot ``k``'s Gaussians.
+All ancestor look-ups use pointer doubling over the parent links (vectorised, ``log(depth)``
+passes), never a per-Gaussian Python loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import List, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from gvae_ns.gaussians import OPACITY, STATE_DIM
+from gvae_ns.lineage.format import Lineage
+
+
+@dataclass
+class TransitionSet:
+    """One row per (snapshot ``s``, Gaussian alive at ``s``) pair with ``s < S - 1``."""
+
+    history: Tensor
+    """[N, S, 59] state at snapshot 0..S-1 of the parent's ancestor chain (row t = the chain member
+    alive at snapshot t); rows after the parent's snapshot are zero."""
+    history_mask: Tensor
+    """[N, S] bool, False where no ancestor existed yet or t > the parent's snapshot."""
+    children: Tensor
+    """[N, C, 59] the parent's descendants at snapshot s + 1: slot 0 is the parent itself when it
+    survived, then the others by descending opacity."""
+    children_mask: Tensor
+    """[N, C] bool; all False when every descendant died."""
+    stage: Tensor
+    """[N] long, the parent's snapshot index s."""
+    parent_ids: Tensor
+    """[N] long Gaussian ids of the parents."""
+    children_ids: Tensor
+    """[N, C] long ids of the children, -1 in empty slots."""
+    num_children: Tensor
+    """[N] long number of descendants before the ``max_children`` cut."""
+    num_overflow: int = 0
+    """Descendants dropped because a parent had more than ``max_children``."""
+    num_orphans: int = 0
+    """Gaussians at snapshot s + 1 without any ancestor at snapshot s (dropped)."""
+
+    def __len__(self) -> int:
+        return int(self.parent_ids.shape[0])
+
+    def __getitem__(self, index: Union[Tensor, slice]) -> "TransitionSet":
+        """Rows ``index`` (counts of dropped items are kept as they are)."""
+        return TransitionSet(
+            **{f.name: getattr(self, f.name)[index] for f in fields(self) if f.name not in ("num_overflow", "num_orphans")},
+            num_overflow=self.num_overflow,
+            num_orphans=self.num_orphans,
+        )
+
+    def to(self, device: Union[str, torch.device]) -> "TransitionSet":
+        """Copy of the set on ``device``."""
+        return TransitionSet(
+            **{f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name not in ("num_overflow", "num_orphans")},
+            num_overflow=self.num_overflow,
+            num_orphans=self.num_orphans,
+        )
+
+
+def _fixed_point(jump: Tensor) -> Tensor:
+    """Follow ``jump`` (an index map whose chains end in fixed points) to the end, by doubling."""
+    while True:
+        nxt = jump[jump]
+        if torch.equal(nxt, jump):
+            return jump
+        jump = nxt
+
+
+def ancestor_rows(lineage: Lineage, k: int) -> Tensor:
+    """[M] event-table row of each Gaussian's nearest ancestor-or-self alive at snapshot ``k``, -1 if none."""
+    m = lineage.num_ids
+    in_k = torch.zeros(m, dtype=torch.bool)
+    in_k[lineage.rows_of(lineage.snapshot(k).ids)] = True
+    prow = lineage.rows_of(lineage.parent)
+    rows = torch.arange(m)
+    jump = torch.where(in_k, rows, torch.where(prow >= 0, prow, torch.full_like(prow, m)))
+    end = _fixed_point(torch.cat([jump, torch.tensor([m])]))[:m]
+    return torch.where(end == m, torch.full_like(end, -1), end)
+
+
+def depths(lineage: Lineage) -> Tensor:
+    """[M] number of generations between each Gaussian and its seed (seeds are 0)."""
+    ptr = lineage.rows_of(lineage.parent)
+    dist = (ptr >= 0).long()
+    while bool((ptr >= 0).any()):
+        has = ptr >= 0
+        safe = ptr.clamp_min(0)
+        dist, ptr = torch.where(has, dist + dist[safe], dist), torch.where(has, ptr[safe], ptr)
+    return dist
+
+
+def transition_pairs(lineage: Lineage, k: int) -> Tuple[Tensor, Tensor]:
+    """All (ancestor, descendant) pairs of snapshot ``k`` -> ``k + 1``, as row indices into the two
+    snapshots: ``(parent_index [P], child_index [P])``; orphans of snapshot ``k + 1`` are left out."""
+    rows_k = lineage.rows_of(lineage.snapshot(k).ids)
+    pos = torch.full((lineage.num_ids,), -1, dtype=torch.long)
+    pos[rows_k] = torch.arange(rows_k.shape[0])
+    anc = ancestor_rows(lineage, k)[lineage.rows_of(lineage.snapshot(k + 1).ids)]
+    child = (anc >= 0).nonzero().flatten()
+    return pos[anc[child]], child
+
+
+class _Snapshots:
+    """Per-snapshot look-ups shared by the builders."""
+
+    def __init__(self, lineage: Lineage) -> None:
+        self.lineage = lineage
+        self.count = lineage.num_snapshots
+        self.rows: List[Tensor] = []
+        self.pos: List[Tensor] = []
+        self.anc: List[Tensor] = []
+        for k in range(self.count):
+            rows = lineage.rows_of(lineage.snapshot(k).ids)
+            pos = torch.full((lineage.num_ids,), -1, dtype=torch.long)
+            pos[rows] = torch.arange(rows.shape[0])
+            self.rows.append(rows)
+            self.pos.append(pos)
+            self.anc.append(ancestor_rows(lineage, k))
+
+    def histories(self, k: int) -> Tuple[Tensor, Tensor]:
+        """Ancestor-chain states of snapshot ``k``'s Gaussians at snapshots 0..k."""
+        rows = self.rows[k]
+        hist = torch.zeros(rows.shape[0], self.count, STATE_DIM)
+        mask = torch.zeros(rows.shape[0], self.count, dtype=torch.bool)
+        for t in range(k + 1):
+            anc = self.anc[t][rows]
+            ok = anc >= 0
+            pos = self.pos[t][anc[ok]]
+            hist[ok, t] = self.lineage.snapshot(t).state[pos]
+            mask[:, t] = ok
+        return hist, mask
+
+
+def build_transitions(lineage: Lineage, max_children: int = 4) -> TransitionSet:
+    """Every (snapshot s -> s + 1) parent with up to ``max_children`` descendants, for all s."""
+    if max_children < 1:
+        raise ValueError(f"max_children must be >= 1, got {max_children}")
+    snaps = _Snapshots(lineage)
+    s_count, c = snaps.count, max_children
+    parts = []
+    overflow = orphans = 0
+    for k in range(s_count - 1):
+        parent_rows = snaps.rows[k]
+        n = parent_rows.shape[0]
+        hist, hmask = snaps.histories(k)
+        nxt = lineage.snapshot(k + 1)
+        child_rows = snaps.rows[k + 1]
+        anc = snaps.anc[k][child_rows]
+        has = anc >= 0
+        orphans += int((~has).sum())
+        child_rows, anc, child_state = child_rows[has], anc[has], nxt.state[has]
+        group = snaps.pos[k][anc]
+        is_self = child_rows == anc
+        by_opacity = torch.argsort(-child_state[:, OPACITY].flatten(), stable=True)
+        order = by_opacity[torch.argsort((~is_self[by_opacity]).to(torch.int8), stable=True)]
+        order = order[torch.argsort(group[order], stable=True)]
+        g = group[order]
+        counts = torch.bincount(group, minlength=n)
+        starts = counts.cumsum(0) - counts
+        rank = torch.arange(g.shape[0]) - starts[g]
+        keep = rank < c
+        overflow += int((~keep).sum())
+        children = torch.zeros(n, c, STATE_DIM)
+        cmask = torch.zeros(n, c, dtype=torch.bool)
+        cids = torch.full((n, c), -1, dtype=torch.long)
+        gk, rk, ok = g[keep], rank[keep], order[keep]
+        children[gk, rk] = child_state[ok]
+        cmask[gk, rk] = True
+        cids[gk, rk] = lineage.ids[child_rows[ok]]
+        parts.append(
+            (hist, hmask, children, cmask, torch.full((n,), k, dtype=torch.long), lineage.ids[parent_rows], cids, counts)
+        )
+    if not parts:
+        return TransitionSet(
+            history=torch.zeros(0, s_count, STATE_DIM),
+            history_mask=torch.zeros(0, s_count, dtype=torch.bool),
+            children=torch.zeros(0, c, STATE_DIM),
+            children_mask=torch.zeros(0, c, dtype=torch.bool),
+            stage=torch.zeros(0, dtype=torch.long),
+            parent_ids=torch.zeros(0, dtype=torch.long),
+            children_ids=torch.zeros(0, c, dtype=torch.long),
+            num_children=torch.zeros(0, dtype=torch.long),
+        )
+    cols = [torch.cat(col) for col in zip(*parts)]
+    return TransitionSet(*cols, num_overflow=overflow, num_orphans=orphans)
+
+
+def final_histories(lineage: Lineage) -> Tuple[Tensor, Tensor, Tensor]:
+    """Ancestor chains of the Gaussians in the last snapshot: ``(history [N,S,59], mask [N,S], ids [N])``."""
+    if lineage.num_snapshots == 0:
+        raise ValueError(f"{lineage.source or 'lineage'} has no snapshots; record at least one with recorder.snapshot()")
+    snaps = _Snapshots(lineage)
+    hist, mask = snaps.histories(snaps.count - 1)
+    return hist, mask, lineage.snapshot(-1).ids.clone()

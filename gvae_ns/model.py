@@ -1,0 +1,369 @@
+"""GaussianVAEModel: splatfacto trained through resolution stages, with lineage and refinement.
+
+What it changes in ``SplatfactoModel``:
+
+* the training resolution follows :class:`~gvae_ns.stages.StageSchedule` (e.g. 1/8, 1/4, 1/2 of the
+  images), never the data's full resolution unless a stage asks for factor 1;
+* rendering goes through :func:`gvae_ns.render.rasterize` (gsplat on CUDA, pure PyTorch on CPU) and every
+  tensor follows the model's device, so the whole method runs on CPU;
+* LPIPS is built only where its weights are already on disk (no downloads);
+* densification runs through :class:`~gvae_ns.lineage.recorder.LineageStrategy`, which records every
+  Gaussian's ancestry and snapshots all Gaussians at each stage end;
+* when a refinement is attached (:meth:`set_refinement`) and switched on, the parameter properties
+  (``means``, ``scales``, ``quats``, ``opacities``, ``features_dc``, ``features_rest`` and the derived
+  ``colors``, ``shs_0``, ``shs_rest``) return the refined set, so nerfstudio's viewer and exporter see it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Literal, Optional, Tuple, Type, Union
+
+import torch
+from gsplat.strategy import DefaultStrategy
+from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
+from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig, get_viewmat
+from nerfstudio.utils.rich_utils import CONSOLE
+
+from gvae_ns.offline import make_lpips
+from gvae_ns.ply import use_fast_ply_writer
+from gvae_ns.render import rasterize
+from gvae_ns.stages import StageSchedule
+
+PARAM_KEYS = ("means", "scales", "quats", "features_dc", "features_rest", "opacities")
+
+
+@dataclass
+class GaussianVAEModelConfig(SplatfactoModelConfig):
+    """Splatfacto trained through resolution stages, with lineage logging and GaussianVAE refinement."""
+
+    _target: Type = field(default_factory=lambda: GaussianVAEModel)
+    stage_downscales: Tuple[int, ...] = (8, 4, 2)
+    """Image downscale factor of each resolution stage, coarse to fine. The finest stage should stay coarser
+    than the resolution you evaluate at (the data's own resolution by default), so that refinement has
+    something to add."""
+    stage_steps: Tuple[int, ...] = (3000, 3000, 9000)
+    """Training steps of each resolution stage (one entry per stage)."""
+    lineage_float16: bool = False
+    """Store the per-stage snapshots in the lineage file as float16 (half the size)."""
+    refine_after_training: bool = True
+    """Train the VAE on the lineage and refine the scene as the last phase of ns-train."""
+    refine_steps: int = 2
+    """Extrapolation steps past the finest stage (1..4) applied by the refinement after training."""
+    refine_select: Literal["hessian", "grad", "all"] = "hessian"
+    """Which lineages to extrapolate: top Hessian / view-space-gradient score, gradient only, or all."""
+    refine_fraction: float = 0.1
+    """Fraction of Gaussians the selection keeps (ignored for 'all')."""
+    refine_vae_steps: int = 1500
+    """Optimiser steps of the VAE trained on the lineage after training."""
+    show_refined: bool = True
+    """Whether the viewer and exporter see the refined Gaussians when a refinement exists (the environment
+    variable GVAE_REFINED=0 overrides it, e.g. for ``GVAE_REFINED=0 ns-export gaussian-splat ...``)."""
+    run_dir: Optional[Path] = None
+    """Set by ns-train: the run directory that holds lineage.npz, vae.pt and refinement.pt."""
+
+
+class GaussianVAEModel(SplatfactoModel):
+    """Splatfacto through resolution stages; see the module docstring."""
+
+    config: GaussianVAEModelConfig
+
+    # ------------------------------------------------------------------ set-up
+    def populate_modules(self) -> None:
+        self.schedule = StageSchedule(tuple(self.config.stage_downscales), tuple(self.config.stage_steps))
+        seed = self.seed_points
+        seed_colors = None
+        if seed is not None and not self.config.random_init and seed[1].shape[0] > 0:
+            # splatfacto moves seed colours to CUDA; take the colour-less path and fill them in here.
+            seed_colors = seed[1]
+            self.seed_points = (seed[0], seed[1][:0])
+        with _offline_lpips():
+            super().populate_modules()
+        self.seed_points = seed
+        if seed_colors is not None:
+            with torch.no_grad():
+                rgb = seed_colors.float() / 255.0
+                if self.config.sh_degree > 0:
+                    self.gauss_params["features_dc"].data = RGB2SH(rgb)
+                else:
+                    self.gauss_params["features_dc"].data = torch.logit(rgb, eps=1e-10)
+        self.strategy = _lineage_strategy_from(self.strategy)
+        self.strategy_state = self.strategy.initialize_state(scene_scale=1.0)
+        self.recorder.stage_downscales = tuple(int(d) for d in self.schedule.downscales)
+        self.recorder.stage_boundaries = tuple(self.schedule.boundaries[1:-1])
+        if self.config.lineage_float16:
+            self.recorder.snapshot_dtype = torch.float16
+        use_fast_ply_writer()
+        self.refinement: Optional[Dict[str, torch.Tensor]] = None
+        self.refined_is_new: Optional[torch.Tensor] = None
+        self.refinement_note = "no refinement yet: it is made after training, or by gvae-refine"
+        self.refinement_scores: Optional[Dict[str, torch.Tensor]] = None
+        self.refiner = None
+        self.tint_new = False
+        from gvae_ns.viewer import RefinementControls
+
+        self.refinement_controls = RefinementControls(self)
+
+    @property
+    def recorder(self):
+        """The lineage recorder owned by the densification strategy."""
+        return self.strategy.recorder
+
+    # ------------------------------------------------------------ checkpoints
+    def get_extra_state(self) -> Dict[str, Any]:
+        """Checkpointed with the parameters: the lineage so far (tensors and ints only)."""
+        return {"lineage": self.recorder.state_dict()}
+
+    def set_extra_state(self, state: Any) -> None:
+        if isinstance(state, dict) and "lineage" in state:
+            self.recorder.load_state_dict(state["lineage"])
+
+    def load_state_dict(self, state_dict, **kwargs):  # type: ignore[override]
+        result = super().load_state_dict(state_dict, **kwargs)
+        self.load_refinement_file()
+        return result
+
+    def save_lineage(self, path: Path) -> None:
+        """Write the run's lineage file (atomically)."""
+        self.recorder.save(path, float16=self.config.lineage_float16)
+
+    def load_refinement_file(self) -> None:
+        """Attach ``<run_dir>/refinement.pt`` if it exists; a bad file is reported and the original kept."""
+        from gvae_ns.refine import REFINEMENT_FILE, RefinementFileError, load_refinement
+
+        if self.config.run_dir is None:
+            return
+        path = Path(self.config.run_dir) / REFINEMENT_FILE
+        if not path.exists():
+            return
+        try:
+            refined = load_refinement(path, num_original=self.gauss_params["means"].shape[0])
+        except RefinementFileError as err:
+            self.set_refinement(None, note=f"refinement off: {err}")
+            CONSOLE.print(f"[bold yellow]{err} The original scene is shown.")
+            return
+        self.refinement_scores = refined.scores
+        self.set_refinement(refined.params, refined.is_new, note=refined.describe())
+
+    def update_refinement(self, steps: int, select: str) -> str:
+        """Show the scene extrapolated ``steps`` (0..4) stages with ``select``; returns a status line.
+
+        Raises :class:`gvae_ns.refine.RefinementUnavailable` when the run has no VAE or scores.
+        """
+        if steps == 0:
+            self.set_refinement(None, note="showing the trained scene (+0)")
+            return self.refinement_note
+        if self.refiner is None:
+            from gvae_ns.refine import load_refiner
+
+            self.refiner = load_refiner(self, self.refinement_scores)
+        refined = self.refiner.refine(steps, select)
+        self.set_refinement(refined.params, refined.is_new, note=refined.describe())
+        return self.refinement_note
+
+    # ------------------------------------------------------------ stage schedule
+    @property
+    def stage(self) -> int:
+        """Resolution stage of the current training step."""
+        return self.schedule.stage_at(self.step)
+
+    def _get_downscale_factor(self) -> int:
+        if self.training:
+            return self.schedule.downscale_at(self.step)
+        return 1
+
+    def get_training_callbacks(
+        self, training_callback_attributes: TrainingCallbackAttributes
+    ) -> List[TrainingCallback]:
+        cbs = super().get_training_callbacks(training_callback_attributes)
+        cbs.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], self.after_step))
+        return cbs
+
+    def step_cb(self, optimizers, step):  # type: ignore[override]
+        super().step_cb(optimizers, step)
+        self.recorder.stage = self.schedule.stage_at(step)
+
+    def after_step(self, step: int) -> None:
+        """Snapshot every Gaussian at the last step of each stage (after densification ran)."""
+        if self.schedule.is_stage_end(step):
+            self.snapshot_stage(step)
+
+    @torch.no_grad()
+    def snapshot_stage(self, step: int) -> None:
+        """Record all live Gaussians and their gradient statistics as the snapshot of the current stage."""
+        self.recorder.snapshot(self.gauss_params, self.strategy_state, self.schedule.stage_at(step), step)
+
+    # ------------------------------------------------------------- refinement
+    def set_refinement(self, params: Optional[Dict[str, torch.Tensor]], is_new: Optional[torch.Tensor] = None,
+                       note: str = "") -> None:
+        """Attach a refined Gaussian set (full scene, splatfacto parameter names), or detach with ``None``."""
+        if params is None:
+            self.refinement, self.refined_is_new = None, None
+            self.refinement_note = note or "refinement detached"
+            return
+        missing = [k for k in PARAM_KEYS if k not in params]
+        if missing:
+            raise ValueError(f"refined Gaussians lack {missing}; expected all of {PARAM_KEYS}")
+        n = params["means"].shape[0]
+        for k in PARAM_KEYS:
+            if params[k].shape[0] != n:
+                raise ValueError(f"refined '{k}' has {params[k].shape[0]} rows, 'means' has {n}")
+        self.refinement = {k: params[k].detach().to(self.device) for k in PARAM_KEYS}
+        self.refined_is_new = None if is_new is None else is_new.to(self.device)
+        self.refinement_note = note
+
+    @property
+    def refinement_active(self) -> bool:
+        """Whether the properties currently return the refined set."""
+        wanted = self.config.show_refined and os.environ.get("GVAE_REFINED", "1") != "0"
+        return self.refinement is not None and wanted and not self.training
+
+    def _param(self, name: str) -> torch.Tensor:
+        if self.refinement_active:
+            return self.refinement[name]  # type: ignore[index]
+        return self.gauss_params[name]
+
+    @property
+    def means(self):
+        return self._param("means")
+
+    @property
+    def scales(self):
+        return self._param("scales")
+
+    @property
+    def quats(self):
+        return self._param("quats")
+
+    @property
+    def features_dc(self):
+        return self._param("features_dc")
+
+    @property
+    def features_rest(self):
+        return self._param("features_rest")
+
+    @property
+    def opacities(self):
+        return self._param("opacities")
+
+    # --------------------------------------------------------------- rendering
+    def get_outputs(self, camera: Cameras) -> Dict[str, Union[torch.Tensor, List]]:
+        """Render one camera (splatfacto's outputs: rgb, depth, accumulation, background)."""
+        if not isinstance(camera, Cameras):
+            raise TypeError(f"get_outputs expects a Cameras object, got {type(camera).__name__}")
+        if self.training:
+            if camera.shape[0] != 1:
+                raise ValueError("training renders one camera at a time")
+            cam_to_world = self.camera_optimizer.apply_to_camera(camera)
+        else:
+            cam_to_world = camera.camera_to_worlds
+
+        params = {k: self._param(k) for k in PARAM_KEYS}
+        if self.tint_new and self.refined_is_new is not None and self.refinement_active:
+            params = _tint(params, self.refined_is_new, self.config.sh_degree > 0)
+        if self.crop_box is not None and not self.training:
+            keep = self.crop_box.within(params["means"]).squeeze()
+            if keep.sum() == 0:
+                return self.get_empty_outputs(int(camera.width.item()), int(camera.height.item()),
+                                              self.background_color)
+            params = {k: v[keep] for k, v in params.items()}
+
+        d = self._get_downscale_factor()
+        camera.rescale_output_resolution(1 / d)
+        viewmat = get_viewmat(cam_to_world).to(self.device)
+        K = camera.get_intrinsics_matrices().to(self.device)
+        W, H = int(camera.width.item()), int(camera.height.item())
+        self.last_size = (H, W)
+        camera.rescale_output_resolution(d)
+
+        if self.config.rasterize_mode not in ("antialiased", "classic"):
+            raise ValueError(f"unknown rasterize_mode {self.config.rasterize_mode!r}: use classic or antialiased")
+        render_mode = "RGB+ED" if (self.config.output_depth_during_training or not self.training) else "RGB"
+        colors = torch.cat((params["features_dc"][:, None, :], params["features_rest"]), dim=1)
+        if self.config.sh_degree > 0:
+            sh_degree: Optional[int] = min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
+        else:
+            colors = torch.sigmoid(colors).squeeze(1)
+            sh_degree = None
+
+        render, alpha, self.info = rasterize(
+            means=params["means"],
+            quats=params["quats"],
+            scales=torch.exp(params["scales"]),
+            opacities=torch.sigmoid(params["opacities"]).squeeze(-1),
+            colors=colors,
+            viewmats=viewmat,
+            Ks=K,
+            width=W,
+            height=H,
+            packed=False,
+            near_plane=0.01,
+            far_plane=1e10,
+            render_mode=render_mode,
+            sh_degree=sh_degree,
+            sparse_grad=False,
+            absgrad=self.strategy.absgrad,
+            rasterize_mode=self.config.rasterize_mode,
+        )
+        if self.training:
+            self.strategy.step_pre_backward(self.gauss_params, self.optimizers, self.strategy_state, self.step,
+                                            self.info)
+        background = self._get_background_color()
+        rgb = torch.clamp(render[..., :3] + (1 - alpha) * background, 0.0, 1.0)
+        if self.config.use_bilateral_grid and self.training and camera.metadata and "cam_idx" in camera.metadata:
+            rgb = self._apply_bilateral_grid(rgb, camera.metadata["cam_idx"], H, W)
+        depth = None
+        if render_mode == "RGB+ED":
+            depth = torch.where(alpha > 0, render[..., 3:4], render[..., 3:4].detach().max()).squeeze(0)
+        if not self.training:
+            background = background.expand(H, W, 3)
+        return {"rgb": rgb.squeeze(0), "depth": depth, "accumulation": alpha.squeeze(0), "background": background}
+
+    # ----------------------------------------------------------------- metrics
+    def get_image_metrics_and_images(self, outputs, batch):
+        """splatfacto's eval metrics; LPIPS only where its weights exist offline."""
+        gt = self.composite_with_background(self.get_gt_img(batch["image"]), outputs["background"])
+        pred = outputs["rgb"]
+        gt_b = torch.moveaxis(gt, -1, 0)[None]
+        pred_b = torch.moveaxis(pred, -1, 0)[None]
+        metrics = {"psnr": float(self.psnr(gt_b, pred_b).item()), "ssim": float(self.ssim(gt_b, pred_b))}
+        if self.lpips is not None:
+            metrics["lpips"] = float(self.lpips(gt_b, pred_b))
+        metrics["gaussian_count"] = float(self.num_points)
+        return metrics, {"img": torch.cat([gt, pred], dim=1)}
+
+
+def _tint(params: Dict[str, torch.Tensor], is_new: torch.Tensor, is_sh: bool) -> Dict[str, torch.Tensor]:
+    """Paint generated Gaussians magenta (view-independent) so they stand out in the viewer."""
+    magenta = torch.tensor([1.0, 0.0, 1.0], device=is_new.device)
+    dc = params["features_dc"].clone()
+    rest = params["features_rest"].clone()
+    dc[is_new] = RGB2SH(magenta) if is_sh else torch.logit(magenta.clamp(1e-4, 1 - 1e-4))
+    rest[is_new] = 0.0
+    return {**params, "features_dc": dc, "features_rest": rest}
+
+
+def _lineage_strategy_from(strategy: DefaultStrategy):
+    """The same densification policy as ``strategy``, with lineage recording."""
+    from gvae_ns.lineage.recorder import LineageStrategy
+
+    kwargs = {f.name: getattr(strategy, f.name) for f in fields(DefaultStrategy) if f.init}
+    return LineageStrategy(**kwargs)
+
+
+@contextlib.contextmanager
+def _offline_lpips() -> Iterator[None]:
+    """While splatfacto builds its metrics, build LPIPS only if its weights are on disk (else ``None``)."""
+    import torchmetrics.image.lpip as lpip_module
+
+    original = lpip_module.LearnedPerceptualImagePatchSimilarity
+    lpip_module.LearnedPerceptualImagePatchSimilarity = lambda **_: make_lpips(original)  # type: ignore
+    try:
+        yield
+    finally:
+        lpip_module.LearnedPerceptualImagePatchSimilarity = original

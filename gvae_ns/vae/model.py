@@ -1,0 +1,636 @@
+"""GaussianVAE: a two-stream transformer CVAE that predicts a Gaussian's children one stage ahead.
+
+Per stream (geometry: offset, rotation, log-scale; appearance: SH rest, colour, opacity), see
+:mod:`gvae_ns.vae.features` for the feature layout:
+
+- a transformer **encoder** reads the lineage's stage tokens (one per stage, newest last, key-padding
+  mask where absent) with a learned embedding of the stage's distance to the newest stage, and summarises
+  the history in the newest token's output (the *context*);
+- a **posterior** ``q(z | history, children)`` sees the context and the target children (training only);
+- a **flow prior** ``p(z | history)`` (:class:`~gvae_ns.vae.flow.FlowPrior` conditioned on the
+  context, the CVAE's prior network) supplies ``z`` at inference;
+- a **child decoder** maps ``(context, z)`` to ``max_children`` child slots: normalised relative
+  features and an exist logit. Decoders are looked up by name (:func:`register_decoder`), so another
+  head can replace the default without touching this file.
+
+The streams are separate modules with their own latent, flow and normalisation statistics; the only
+thing they share is the input lineage. Normalisation statistics are buffers, so a saved model
+(:func:`save_vae`) is self-contained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Optional, Protocol, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gvae_ns.vae import features as feats
+from gvae_ns.vae.flow import FlowPrior
+
+FORMAT_NAME = "gvae_ns.vae"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class StreamConfig:
+    """Sizes of one stream (geometry or appearance)."""
+
+    width: int = 64
+    """Transformer width (token embedding size)."""
+    encoder_layers: int = 2
+    """Transformer blocks over the history tokens."""
+    decoder_layers: int = 2
+    """Depth of the child decoder (hidden layers for ``mlp``, attention blocks for ``slots``)."""
+    heads: int = 4
+    """Attention heads; must divide ``width``."""
+    ff_mult: int = 2
+    """Feed-forward hidden size as a multiple of ``width``."""
+    latent_dim: int = 8
+    """Size of the latent ``z`` (>= 2, the flow couples halves)."""
+    flow_layers: int = 4
+    """Affine-coupling layers of the flow prior."""
+    flow_hidden: int = 64
+    """Hidden size of each coupling's conditioner."""
+    child_embed: int = 16
+    """Per-slot embedding size of the target children inside the posterior."""
+
+
+def _geometry_default() -> StreamConfig:
+    return StreamConfig(width=64, encoder_layers=2, decoder_layers=2, heads=4, latent_dim=8, flow_hidden=48)
+
+
+def _appearance_default() -> StreamConfig:
+    return StreamConfig(width=80, encoder_layers=2, decoder_layers=2, heads=4, latent_dim=16, flow_hidden=64)
+
+
+@dataclass
+class GaussianVAEConfig:
+    """Architecture of :class:`GaussianVAE`; stored in every saved model."""
+
+    geometry: StreamConfig = field(default_factory=_geometry_default)
+    """Geometry stream (position 3, rotation 4, log-scale 3, exist 1)."""
+    appearance: StreamConfig = field(default_factory=_appearance_default)
+    """Appearance stream (SH rest 45, colour 3, opacity 1, exist 1)."""
+    max_children: int = 4
+    """Child slots ``C`` predicted per parent; slot 0 is the parent's own continuation (match the
+    lineage dataset's ``build_transitions(max_children=...)``)."""
+    max_history: int = 8
+    """Most stages a lineage token sequence holds (newest kept); training narrows the window used to
+    the longest history it saw, so inference never meets an untrained stage position."""
+    decoder: str = "mlp"
+    """Child decoder by registered name: ``mlp`` (all slots jointly from one MLP; cheap at 1e5-1e6
+    lineages) or ``slots`` (learned slot tokens with self-attention, mirroring the encoder; ~5x the
+    inference cost); see :func:`register_decoder` for others."""
+    dropout: float = 0.0
+    """Dropout inside the transformer blocks."""
+    input_clip: float = 10.0
+    """Normalised token features are clipped to ``[-input_clip, input_clip]`` (outlier safety)."""
+    max_offset: float = 8.0
+    """Predicted child offsets are clamped to this many parent units (largest parent axis) per axis."""
+    min_log_scale_change: float = -4.0
+    """Lower bound on a child's log-scale minus its parent's."""
+    max_log_scale_change: float = 1.0
+    """Upper bound on a child's log-scale minus its parent's."""
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (SDPA self-attention + GELU MLP) with an optional key mask."""
+
+    def __init__(self, width: int, heads: int, ff_mult: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.dropout = dropout
+        self.norm1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, ff_mult * width), nn.GELU(), nn.Linear(ff_mult * width, width), nn.Dropout(dropout)
+        )
+
+    def forward(self, x: Tensor, key_mask: Optional[Tensor] = None, last_only: bool = False) -> Tensor:
+        """``x [B, T, D]``; ``key_mask [B, T]`` True where a token may be attended to. With
+        ``last_only`` only the last token is updated and returned (``[B, 1, D]``), which is all the
+        final encoder block needs."""
+        b, t, d = x.shape
+        hd = d // self.heads
+        h = self.norm1(x)
+        if last_only:
+            q = F.linear(h[:, -1:], self.qkv.weight[:d], self.qkv.bias[:d])
+            k, v = F.linear(h, self.qkv.weight[d:], self.qkv.bias[d:]).view(b, t, 2, self.heads, hd).unbind(2)
+            q = q.view(b, 1, self.heads, hd).transpose(1, 2)
+            k, v, x = k.transpose(1, 2), v.transpose(1, 2), x[:, -1:]
+        else:
+            q, k, v = self.qkv(h).view(b, t, 3, self.heads, hd).permute(2, 0, 3, 1, 4)
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]
+        drop = self.dropout if self.training else 0.0
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
+        x = x + self.proj(h.transpose(1, 2).reshape(b, q.shape[2], d))
+        return x + self.mlp(self.norm2(x))
+
+
+class HistoryEncoder(nn.Module):
+    """Transformer over right-aligned stage tokens; returns the newest token's output ``[B, width]``."""
+
+    def __init__(self, token_dim: int, width: int, layers: int, heads: int, ff_mult: int, max_history: int,
+                 dropout: float) -> None:
+        super().__init__()
+        self.embed = nn.Linear(token_dim, width)
+        self.stage = nn.Embedding(max_history, width)
+        self.blocks = nn.ModuleList(Block(width, heads, ff_mult, dropout) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        """``tokens [B, W, token_dim]`` (newest last), ``mask [B, W]`` -> context ``[B, width]``."""
+        w = tokens.shape[1]
+        back = torch.arange(w - 1, -1, -1, device=tokens.device)
+        x = self.embed(tokens) + self.stage(back)[None]
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, last_only=i == len(self.blocks) - 1)
+        return self.norm(x[:, -1])
+
+
+class Posterior(nn.Module):
+    """``q(z | context, children)`` as a diagonal Gaussian: returns ``(mu, log_var)``."""
+
+    def __init__(self, width: int, feature_dim: int, max_children: int, child_embed: int, latent_dim: int) -> None:
+        super().__init__()
+        self.child = nn.Linear(feature_dim + 1, child_embed)
+        self.net = nn.Sequential(
+            nn.Linear(width + max_children * child_embed, width), nn.GELU(),
+            nn.Linear(width, width), nn.GELU(),
+            nn.Linear(width, 2 * latent_dim),
+        )
+
+    def forward(self, context: Tensor, children: Tensor, children_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """``context [B, D]``, normalised ``children [B, C, F]``, ``children_mask [B, C]``."""
+        m = children_mask[..., None].to(children.dtype)
+        slots = self.child(torch.cat([children * m, m], dim=-1)).flatten(1)
+        mu, log_var = self.net(torch.cat([context, slots], dim=-1)).chunk(2, dim=-1)
+        return mu, log_var.clamp(-10.0, 4.0)
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """What a child decoder is built from (see :func:`register_decoder`)."""
+
+    width: int
+    latent_dim: int
+    feature_dim: int
+    max_children: int
+    layers: int
+    heads: int
+    ff_mult: int
+    dropout: float
+
+
+class ChildDecoder(Protocol):
+    """A child decoder: ``forward(context [B, width], z [B, latent_dim])`` returns
+    ``(features [B, max_children, feature_dim], exist_logits [B, max_children])``, where features are
+    the stream's relative child features in normalised units (slot 0 = the parent's continuation)."""
+
+    def __call__(self, context: Tensor, z: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+class SlotDecoder(nn.Module):
+    """Learned slot queries conditioned on ``(context, z)``, refined by self-attention among slots."""
+
+    def __init__(self, spec: DecoderSpec) -> None:
+        super().__init__()
+        self.cond = nn.Linear(spec.width + spec.latent_dim, spec.width)
+        self.slots = nn.Parameter(torch.randn(spec.max_children, spec.width) * 0.02)
+        self.blocks = nn.ModuleList(
+            Block(spec.width, spec.heads, spec.ff_mult, spec.dropout) for _ in range(spec.layers)
+        )
+        self.norm = nn.LayerNorm(spec.width)
+        self.head = nn.Linear(spec.width, spec.feature_dim + 1)
+
+    def forward(self, context: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.cond(torch.cat([context, z], dim=-1))[:, None, :] + self.slots[None]
+        for block in self.blocks:
+            x = block(x)
+        out = self.head(self.norm(x))
+        return out[..., :-1], out[..., -1]
+
+
+class MLPDecoder(nn.Module):
+    """All child slots at once from an MLP over ``(context, z)``; cheaper than :class:`SlotDecoder`."""
+
+    def __init__(self, spec: DecoderSpec) -> None:
+        super().__init__()
+        hidden = spec.ff_mult * spec.width
+        layers: list[nn.Module] = [nn.Linear(spec.width + spec.latent_dim, hidden), nn.GELU()]
+        for _ in range(max(spec.layers - 1, 0)):
+            layers += [nn.Linear(hidden, hidden), nn.GELU()]
+        layers.append(nn.Linear(hidden, spec.max_children * (spec.feature_dim + 1)))
+        self.net = nn.Sequential(*layers)
+        self.max_children = spec.max_children
+        self.feature_dim = spec.feature_dim
+
+    def forward(self, context: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.net(torch.cat([context, z], dim=-1)).view(-1, self.max_children, self.feature_dim + 1)
+        return out[..., :-1], out[..., -1]
+
+
+DecoderFactory = Callable[[DecoderSpec], nn.Module]
+_DECODERS: Dict[str, DecoderFactory] = {"slots": SlotDecoder, "mlp": MLPDecoder}
+
+
+def register_decoder(name: str, factory: DecoderFactory) -> None:
+    """Make ``GaussianVAEConfig(decoder=name)`` build its child decoders with ``factory(spec)``.
+
+    The module it returns must follow :class:`ChildDecoder`. Register before building or loading a
+    model that names it."""
+    _DECODERS[name] = factory
+
+
+def available_decoders() -> tuple[str, ...]:
+    """Registered child-decoder names."""
+    return tuple(sorted(_DECODERS))
+
+
+class Normalizer(nn.Module):
+    """Per-feature mean/std kept as buffers (identity until :meth:`fit`)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    @torch.no_grad()
+    def fit(self, x: Tensor, min_std: float = 1e-3) -> None:
+        """Set the statistics from rows ``x [M, dim]`` (identity when ``M == 0``)."""
+        if x.shape[0] == 0:
+            self.mean.zero_()
+            self.std.fill_(1.0)
+            return
+        x = x.double()
+        self.mean.copy_(x.mean(dim=0).float())
+        self.std.copy_(x.std(dim=0, unbiased=False).clamp_min(min_std).float() if x.shape[0] > 1
+                       else torch.ones_like(self.std))
+
+    def normalize(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        return x * self.std + self.mean
+
+
+@dataclass
+class StreamOutput:
+    """One stream's prediction for a batch of ``B`` lineages with ``C`` child slots."""
+
+    features: Tensor
+    """``[B, C, F]`` predicted relative features, normalised."""
+    exist_logits: Tensor
+    """``[B, C]`` exist logits."""
+    raw_features: Tensor
+    """``[B, C, F]`` predicted relative features, denormalised (unclamped)."""
+    z: Tensor
+    """``[B, latent]`` latent used (posterior sample in training, prior sample at inference)."""
+    context: Tensor
+    """``[B, width]`` encoded history (never depends on the target)."""
+    log_q: Optional[Tensor] = None
+    """``[B]`` ``log q(z | x)`` at ``z``; only when a target was given."""
+    log_p: Optional[Tensor] = None
+    """``[B]`` ``log p_flow(z | context)``; only when a target was given."""
+    log_p_fit: Optional[Tensor] = None
+    """``[B]`` ``log p_flow`` of the detached ``z`` and context: trains the prior alone (see losses)."""
+    target: Optional[Tensor] = None
+    """``[B, C, F]`` normalised target features (zero where absent)."""
+    raw_target: Optional[Tensor] = None
+    """``[B, C, F]`` target relative features, denormalised."""
+    target_mask: Optional[Tensor] = None
+    """``[B, C]`` bool: target slot exists."""
+    prior_features: Optional[Tensor] = None
+    """``[B, C, F]`` normalised features decoded from a prior sample (training with ``prior_path``)."""
+    prior_exist_logits: Optional[Tensor] = None
+    """``[B, C]`` exist logits decoded from that prior sample."""
+    prior_raw_features: Optional[Tensor] = None
+    """``[B, C, F]`` ``prior_features`` denormalised."""
+
+
+@dataclass
+class VAEOutput:
+    """Both streams' predictions."""
+
+    geometry: StreamOutput
+    appearance: StreamOutput
+
+
+@dataclass
+class ChildTargets:
+    """Target children relative to their parent, per stream, ``C`` slots."""
+
+    geometry: Tensor
+    """``[B, C, 10]`` relative geometry features (zero where absent)."""
+    appearance: Tensor
+    """``[B, C, 49]`` relative appearance features (zero where absent)."""
+    mask: Tensor
+    """``[B, C]`` bool: slot holds a child."""
+
+    def index(self, idx: Tensor) -> "ChildTargets":
+        """The targets of the rows ``idx``."""
+        return ChildTargets(self.geometry[idx], self.appearance[idx], self.mask[idx])
+
+    def to(self, device: Union[torch.device, str]) -> "ChildTargets":
+        """The same targets on ``device``."""
+        return ChildTargets(self.geometry.to(device), self.appearance.to(device), self.mask.to(device))
+
+
+class StreamVAE(nn.Module):
+    """One stream: history encoder, posterior, flow prior, child decoder and normalisers."""
+
+    def __init__(self, token_dim: int, feature_dim: int, cfg: StreamConfig, config: GaussianVAEConfig) -> None:
+        super().__init__()
+        self.input_clip = config.input_clip
+        self.token_norm = Normalizer(token_dim)
+        self.target_norm = Normalizer(feature_dim)
+        self.encoder = HistoryEncoder(
+            token_dim + 1, cfg.width, cfg.encoder_layers, cfg.heads, cfg.ff_mult, config.max_history, config.dropout
+        )
+        self.posterior = Posterior(cfg.width, feature_dim, config.max_children, cfg.child_embed, cfg.latent_dim)
+        self.prior = FlowPrior(cfg.latent_dim, cfg.flow_layers, cfg.flow_hidden, context_dim=cfg.width)
+        spec = DecoderSpec(cfg.width, cfg.latent_dim, feature_dim, config.max_children, cfg.decoder_layers,
+                           cfg.heads, cfg.ff_mult, config.dropout)
+        self.decoder = _DECODERS[config.decoder](spec)
+
+    def encode(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        """Raw relative tokens ``[B, W, token_dim]`` + mask -> context ``[B, width]``."""
+        x = self.token_norm.normalize(tokens).clamp(-self.input_clip, self.input_clip)
+        m = mask[..., None].to(x.dtype)
+        return self.encoder(torch.cat([x * m, m], dim=-1), mask)
+
+    def forward(
+        self,
+        tokens: Tensor,
+        mask: Tensor,
+        target: Optional[Tensor] = None,
+        target_mask: Optional[Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+        temperature: float = 1.0,
+        noise: Optional[Tensor] = None,
+        prior_path: bool = False,
+    ) -> StreamOutput:
+        """Training (``target`` given): ``z ~ q(z | history, target)``; with ``prior_path`` the children
+        are also decoded from a prior sample (``prior_*`` fields). Inference: ``z = T(noise | history)``
+        through the flow prior, with ``noise [B, latent]`` as given or drawn from ``generator`` and
+        scaled by ``temperature``."""
+        context = self.encode(tokens, mask)
+        z = None
+        log_q = log_p = log_p_fit = norm_target = None
+        if target is not None:
+            if target_mask is None:
+                raise ValueError("StreamVAE: target_mask is required with target")
+            m = target_mask[..., None].to(target.dtype)
+            norm_target = self.target_norm.normalize(target) * m
+            mu, log_var = self.posterior(context, norm_target, target_mask)
+            std = torch.exp(0.5 * log_var)
+            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+            z = mu + std * eps
+            log_q = (-0.5 * eps.pow(2) - torch.log(std) - 0.5 * math.log(2 * math.pi)).sum(-1)
+            log_p = self.prior.log_prob(z, context)
+            log_p_fit = self.prior.log_prob(z.detach(), context.detach())
+        else:
+            if noise is None:
+                noise = torch.randn(context.shape[0], self.prior.dim, generator=generator, device=context.device)
+                noise = noise * temperature
+            z = self.prior.transform(noise, context)
+        features, exist_logits = self.decoder(context, z)
+        prior_features = prior_exist = None
+        if target is not None and prior_path:
+            eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            prior_features, prior_exist = self.decoder(context, self.prior.transform(eps, context))
+        return StreamOutput(
+            features=features,
+            exist_logits=exist_logits,
+            raw_features=self.target_norm.denormalize(features),
+            z=z,
+            context=context,
+            log_q=log_q,
+            log_p=log_p,
+            log_p_fit=log_p_fit,
+            target=norm_target,
+            raw_target=target,
+            target_mask=target_mask,
+            prior_features=prior_features,
+            prior_exist_logits=prior_exist,
+            prior_raw_features=None if prior_features is None else self.target_norm.denormalize(prior_features),
+        )
+
+
+class GaussianVAE(nn.Module):
+    """Two-stream lineage VAE; :meth:`predict_children` is the inference entry point."""
+
+    def __init__(self, config: Optional[GaussianVAEConfig] = None) -> None:
+        super().__init__()
+        config = config or GaussianVAEConfig()
+        _validate_config(config)
+        self.config = config
+        self.geometry = StreamVAE(
+            feats.GEOMETRY_DIM + feats.CONTEXT_DIM, feats.GEOMETRY_DIM, config.geometry, config
+        )
+        self.appearance = StreamVAE(
+            feats.APPEARANCE_DIM + feats.CONTEXT_DIM, feats.APPEARANCE_DIM, config.appearance, config
+        )
+        self.register_buffer("history_window", torch.tensor(config.max_history, dtype=torch.long))
+
+    @property
+    def window(self) -> int:
+        """Stages of history the encoder reads (newest kept)."""
+        return int(self.history_window)
+
+    @property
+    def max_children(self) -> int:
+        return self.config.max_children
+
+    def parameter_counts(self) -> Dict[str, int]:
+        """Parameters per stream (and in total)."""
+        geo = sum(p.numel() for p in self.geometry.parameters())
+        app = sum(p.numel() for p in self.appearance.parameters())
+        return {"geometry": geo, "appearance": app, "total": geo + app}
+
+    def history_tokens(self, history: Tensor, history_mask: Tensor) -> feats.HistoryTokens:
+        """Raw histories ``[N, S, 59]`` + mask -> right-aligned tokens within the model's window."""
+        return feats.history_tokens(history, history_mask, self.window)
+
+    def child_targets(self, children: Tensor, children_mask: Tensor, parent: Tensor) -> ChildTargets:
+        """Raw children ``[N, C, 59]`` (``C <= max_children``, padded here) relative to ``parent [N, 59]``."""
+        n, c = children_mask.shape
+        if c > self.max_children:
+            raise ValueError(
+                f"children: {c} slots but the model predicts max_children={self.max_children}; "
+                "truncate the children or raise GaussianVAEConfig.max_children"
+            )
+        mask = children_mask.bool()
+        rel = feats.relative_features(children, parent[:, None, :])
+        rel = torch.where(mask[..., None], rel, torch.zeros((), dtype=rel.dtype, device=rel.device))
+        if c < self.max_children:
+            rel = torch.cat([rel, rel.new_zeros(n, self.max_children - c, feats.REL_DIM)], dim=1)
+            mask = torch.cat([mask, mask.new_zeros(n, self.max_children - c)], dim=1)
+        geo, app = feats.split_streams(rel)
+        return ChildTargets(geometry=geo, appearance=app, mask=mask)
+
+    def forward(
+        self,
+        tokens: feats.HistoryTokens,
+        targets: Optional[ChildTargets] = None,
+        generator: Optional[torch.Generator] = None,
+        temperature: float = 1.0,
+        noise: Optional[tuple[Tensor, Tensor]] = None,
+        prior_path: bool = False,
+    ) -> VAEOutput:
+        """Both streams. With ``targets`` (training) the posterior supplies ``z`` (and with
+        ``prior_path`` a prior sample is decoded as well); without, the flow priors do, from ``noise =
+        (geometry, appearance)`` base noise (e.g. :meth:`sample_noise`) or from ``generator``."""
+        n_geo, n_app = noise if noise is not None else (None, None)
+        t_geo = t_app = t_mask = None
+        if targets is not None:
+            t_geo, t_app, t_mask = targets.geometry, targets.appearance, targets.mask
+        geo = self.geometry(tokens.geometry, tokens.mask, t_geo, t_mask, generator, temperature, n_geo, prior_path)
+        app = self.appearance(tokens.appearance, tokens.mask, t_app, t_mask, generator, temperature, n_app, prior_path)
+        return VAEOutput(geometry=geo, appearance=app)
+
+    def sample_noise(
+        self, n: int, generator: Optional[torch.Generator] = None, temperature: float = 1.0
+    ) -> tuple[Tensor, Tensor]:
+        """Base noise ``temperature * N(0, I)`` for ``n`` lineages per stream (geometry drawn first).
+        Drawing it up front makes chunked inference independent of the chunk size."""
+        device = self.history_window.device
+        geo = torch.randn(n, self.geometry.prior.dim, generator=generator, device=device) * temperature
+        app = torch.randn(n, self.appearance.prior.dim, generator=generator, device=device) * temperature
+        return geo, app
+
+    def children_from_output(self, output: VAEOutput, parent: Tensor) -> tuple[Tensor, Tensor]:
+        """Predicted raw child states ``[B, C, 59]`` (bounded, finite) and exist probabilities ``[B, C]``.
+
+        Offsets and log-scale changes are clamped to the config's bounds; non-finite predictions fall
+        back to "no change". The exist probability is the mean of the two streams' probabilities."""
+        cfg = self.config
+        rel = feats.merge_streams(output.geometry.raw_features, output.appearance.raw_features)
+        rel = torch.nan_to_num(rel, nan=0.0, posinf=0.0, neginf=0.0)
+        offset = rel[..., feats.REL_OFFSET].clamp(-cfg.max_offset, cfg.max_offset)
+        log_scale = rel[..., feats.REL_LOG_SCALE].clamp(cfg.min_log_scale_change, cfg.max_log_scale_change)
+        rel = torch.cat([offset, rel[..., feats.REL_ROTATION], log_scale, rel[..., feats.REL_LOG_SCALE.stop:]], -1)
+        states = feats.absolute_state(rel, parent[:, None, :])
+        prob = 0.5 * (torch.sigmoid(output.geometry.exist_logits) + torch.sigmoid(output.appearance.exist_logits))
+        return states, prob
+
+    @torch.no_grad()
+    def predict_children(
+        self,
+        history: Tensor,
+        history_mask: Tensor,
+        generator: Optional[torch.Generator] = None,
+        temperature: float = 1.0,
+    ) -> tuple[Tensor, Tensor]:
+        """Children of raw histories ``[N, S, 59]`` one stage ahead: (states ``[N, C, 59]``, exist prob
+        ``[N, C]``), with ``z`` drawn from the flow priors."""
+        tokens = self.history_tokens(history, history_mask)
+        noise = self.sample_noise(tokens.mask.shape[0], generator, temperature)
+        return self.children_from_output(self.forward(tokens, noise=noise), tokens.parent)
+
+
+def _validate_config(config: GaussianVAEConfig) -> None:
+    for name in ("geometry", "appearance"):
+        s: StreamConfig = getattr(config, name)
+        if s.width % s.heads != 0:
+            raise ValueError(f"GaussianVAEConfig.{name}: width {s.width} is not divisible by heads {s.heads}")
+        if s.latent_dim < 2:
+            raise ValueError(f"GaussianVAEConfig.{name}.latent_dim: must be >= 2, got {s.latent_dim}")
+    if config.max_children < 1:
+        raise ValueError(f"GaussianVAEConfig.max_children: must be >= 1, got {config.max_children}")
+    if config.max_history < 1:
+        raise ValueError(f"GaussianVAEConfig.max_history: must be >= 1, got {config.max_history}")
+    if config.decoder not in _DECODERS:
+        raise ValueError(
+            f"GaussianVAEConfig.decoder: unknown decoder {config.decoder!r}; registered: {available_decoders()}"
+        )
+    if config.min_log_scale_change >= config.max_log_scale_change:
+        raise ValueError("GaussianVAEConfig: min_log_scale_change must be below max_log_scale_change")
+
+
+def config_to_dict(config: GaussianVAEConfig) -> dict:
+    """Plain-python (weights_only-safe) form of a config."""
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(data: dict, source: str = "config") -> GaussianVAEConfig:
+    """Inverse of :func:`config_to_dict`; unknown or mistyped fields raise ``ValueError`` naming ``source``."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: config must be a dict, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(GaussianVAEConfig)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{source}: unknown GaussianVAEConfig fields {sorted(unknown)}")
+    kwargs = dict(data)
+    stream_fields = {f.name for f in dataclasses.fields(StreamConfig)}
+    for name in ("geometry", "appearance"):
+        if name in kwargs:
+            sub = kwargs[name]
+            if not isinstance(sub, dict) or set(sub) - stream_fields:
+                raise ValueError(f"{source}: GaussianVAEConfig.{name} is not a valid StreamConfig: {sub!r}")
+            kwargs[name] = StreamConfig(**sub)
+    return GaussianVAEConfig(**kwargs)
+
+
+def save_vae(vae: GaussianVAE, path: Union[str, os.PathLike]) -> Path:
+    """Write ``vae`` (config + weights + normalisation buffers) to ``path`` atomically; returns the path.
+
+    The file holds only tensors and plain python types, so :func:`load_vae` reads it with
+    ``torch.load(weights_only=True)``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "config": config_to_dict(vae.config),
+        "state_dict": {k: v.detach().cpu() for k, v in vae.state_dict().items()},
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_vae(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> GaussianVAE:
+    """Read a model written by :func:`save_vae`; a missing, corrupt or mismatched file raises an error
+    naming it. The model is returned in eval mode."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GaussianVAE file")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable GaussianVAE file ({type(exc).__name__}: {exc}); "
+                         "re-create it with gvae_ns.vae.model.save_vae") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path}: not a GaussianVAE file (missing format tag {FORMAT_NAME!r})")
+    if payload.get("version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: GaussianVAE file version {payload.get('version')!r}, this code reads version {FORMAT_VERSION}"
+        )
+    state = payload.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: GaussianVAE file has no valid state_dict")
+    config = config_from_dict(payload.get("config"), source=str(path))
+    try:
+        vae = GaussianVAE(config)
+        vae.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"{path}: GaussianVAE weights do not match its config ({exc})") from exc
+    return vae.to(map_location).eval()

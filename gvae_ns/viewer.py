@@ -1,0 +1,251 @@
+"""Refinement controls for ``ns-viewer`` (and ``ns-train``'s viewer): show, +k steps, selection, tint.
+
+nerfstudio's viewer finds GUI elements by walking the pipeline's attributes (``parse_object``): it collects
+every :class:`~nerfstudio.viewer.viewer_elements.ViewerElement` and ``ViewerControl`` it meets and descends
+only into ``nn.Module`` attributes. :class:`RefinementControls` is therefore a parameter-less ``nn.Module``
+stored on the model (``model.refinement_controls``): it adds nothing to the checkpoint, keeps the model only
+through a weak reference (no module cycle), and its elements appear in the viewer's Control tab under
+"Custom Elements / model / refinement_controls".
+
+The viewer installs the elements in the alphabetical order of their attribute names, which is the panel
+order here: ``enabled``, ``note``, ``num_added``, ``num_original``, ``select``, ``steps``, ``tint``. Each
+callback runs under the viewer's lock, changes the model, and the viewer then re-renders every client (it
+wraps the elements' callbacks with ``_trigger_rerender``); no restart is needed.
+
+What each control does to the model:
+
+==================  ==========================================================================
+control             model
+==================  ==========================================================================
+Show refined        ``model.config.show_refined`` (off: the original Gaussians are rendered)
+Extrapolation       ``model.update_refinement(steps, select)``; 0 shows the original scene
+Selection           the same call, with ``"hessian"`` (Hessian-guided) or ``"all"`` (whole scene)
+Tint generated      ``model.tint_new`` (generated Gaussians drawn magenta)
+counts              read-only: Gaussians of the checkpoint, Gaussians the refinement added
+Refinement          read-only status line: the model's note, or why a control is off
+==================  ==========================================================================
+
+A control that cannot act is disabled and the status line says why: no refinement attached, the
+``GVAE_REFINED=0`` environment override, a model without ``update_refinement``, or a run whose lineage or
+VAE is missing (:class:`~gvae_ns.refine.RefinementUnavailable`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import weakref
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+
+from nerfstudio.viewer.viewer_elements import (
+    ViewerCheckbox,
+    ViewerControl,
+    ViewerDropdown,
+    ViewerElement,
+    ViewerNumber,
+    ViewerSlider,
+    ViewerText,
+)
+from torch import nn
+
+from gvae_ns.refine import REFINEMENT_FILE, VAE_FILE, RefinementUnavailable
+
+if TYPE_CHECKING:
+    from nerfstudio.viewer.viewer import Viewer
+
+    from gvae_ns.model import GaussianVAEModel
+
+SELECTIONS: Dict[str, str] = {"Hessian-guided": "hessian", "Whole scene": "all"}
+"""Dropdown label -> ``select`` argument of ``model.update_refinement``."""
+MAX_STEPS = 4
+"""Largest extrapolation step count the slider offers."""
+
+
+class RefinementControls(nn.Module):
+    """Viewer GUI for a :class:`~gvae_ns.model.GaussianVAEModel`'s refinement; see the module docstring."""
+
+    def __init__(self, model: "GaussianVAEModel") -> None:
+        super().__init__()
+        self._model_ref = weakref.ref(model)
+        self._applied: Optional[Tuple[int, str]] = None
+        self._status: Optional[str] = None
+        self._failure: Optional[str] = None
+        self.enabled = ViewerCheckbox(
+            "Show refined", True, cb_hook=self._on_enabled,
+            hint="Render the refined Gaussians (off: the trained scene as it is in the checkpoint).",
+        )
+        self.note = ViewerText("Refinement", "", disabled=True, hint="Status of the refinement.")
+        self.num_added = ViewerNumber("Added Gaussians", 0, disabled=True, hint="Gaussians the VAE generated.")
+        self.num_original = ViewerNumber("Original Gaussians", 0, disabled=True,
+                                         hint="Gaussians in the checkpoint.")
+        self.select = ViewerDropdown(
+            "Selection", "Hessian-guided", list(SELECTIONS), cb_hook=self._on_recompute,
+            hint="Which lineages are extrapolated: the top Hessian-guided scores, or the whole scene.",
+        )
+        self.steps = ViewerSlider(
+            "Extrapolation steps", 0, 0, MAX_STEPS, step=1, cb_hook=self._on_recompute,
+            hint="Resolution stages extrapolated past the finest trained one (0: the original scene).",
+        )
+        self.tint = ViewerCheckbox("Tint generated", False, cb_hook=self._on_tint,
+                                   hint="Draw the Gaussians the VAE generated in magenta.")
+        self.viewer_hook = _SyncWhenInstalled(self)
+        self.sync()
+
+    @property
+    def _model(self) -> "GaussianVAEModel":
+        # Private on purpose: the viewer's parse_object descends into every public nn.Module attribute,
+        # and a public path back to the model would make that walk endless.
+        model = self._model_ref()
+        if model is None:
+            raise RuntimeError("RefinementControls: its model was garbage-collected")
+        return model
+
+    # ------------------------------------------------------------------ state
+    @property
+    def unavailable(self) -> Optional[str]:
+        """Why steps / selection cannot be recomputed (``None`` while they can): the model lacks what it
+        needs, or its last ``update_refinement`` raised :class:`~gvae_ns.refine.RefinementUnavailable`."""
+        return self._failure or _unavailable_reason(self._model)
+
+    def recheck(self) -> None:
+        """Forget the last RefinementUnavailable (the run may have gained its lineage / VAE since)."""
+        self._failure = None
+
+    def applied(self) -> Tuple[int, str]:
+        """The (steps, select) the model's refinement was made with, as far as the model tells."""
+        if self._applied is not None:
+            return self._applied
+        model = self._model
+        if model.refinement is None:
+            return 0, _select_key(getattr(model, "refinement_select", model.config.refine_select))
+        steps = getattr(model, "refinement_steps", None)
+        if steps is None:
+            steps = model.config.refine_steps
+        select = getattr(model, "refinement_select", None) or model.config.refine_select
+        return int(min(max(int(steps), 0), MAX_STEPS)), _select_key(select)
+
+    def sync(self, status: Optional[str] = None) -> None:
+        """Make every control show the model's current state (values, counts, disabled flags, status)."""
+        model = self._model
+        has_refinement = model.refinement is not None
+        env_off = os.environ.get("GVAE_REFINED", "1") == "0"
+        fixed = self.unavailable is not None
+        steps, select = self.applied()
+
+        _set(self.enabled, value=bool(model.config.show_refined), disabled=not has_refinement or env_off)
+        _set(self.tint, value=bool(model.tint_new), disabled=not has_refinement or env_off)
+        _set(self.steps, value=steps, disabled=fixed)
+        _set(self.select, value=_select_label(select), disabled=fixed)
+        _set(self.num_original, value=int(model.gauss_params["means"].shape[0]))
+        added = 0
+        if has_refinement and model.refined_is_new is not None:
+            added = int(model.refined_is_new.sum())
+        _set(self.num_added, value=added)
+        _set(self.note, value=self.status_line(status))
+
+    def status_line(self, status: Optional[str] = None) -> str:
+        """The one-line status: what is shown, and why any control is off."""
+        if status is not None:
+            self._status = status
+        model = self._model
+        parts = []
+        if os.environ.get("GVAE_REFINED", "1") == "0":
+            parts.append("off: GVAE_REFINED=0 in the environment, the original scene is shown")
+        elif model.refinement is not None and not model.config.show_refined:
+            parts.append("hidden: the original scene is shown")
+        parts.append(self._status if self._status is not None else model.refinement_note)
+        reason = self.unavailable
+        if reason is not None:
+            parts.append(f"steps/selection off: {reason}")
+        return " | ".join(p for p in parts if p)
+
+    # -------------------------------------------------------------- callbacks
+    def _on_enabled(self, element: ViewerCheckbox) -> None:
+        self._model.config.show_refined = bool(element.value)
+        self.sync()
+
+    def _on_tint(self, element: ViewerCheckbox) -> None:
+        self._model.tint_new = bool(element.value)
+        self.sync()
+
+    def _on_recompute(self, _element: Any) -> None:
+        wanted = (int(round(float(self.steps.value))), SELECTIONS.get(str(self.select.value), "hessian"))
+        if wanted == self.applied() or self.unavailable is not None:
+            self.sync()
+            return
+        update = self._model.update_refinement
+        _set(self.note, value=f"computing +{wanted[0]} ({wanted[1]}) ...")
+        try:
+            status = update(wanted[0], wanted[1])
+        except RefinementUnavailable as err:
+            self._failure = str(err)
+            self.sync()
+            return
+        except ValueError as err:
+            self.sync(status=f"+{wanted[0]} ({wanted[1]}) failed: {err}")
+            return
+        self._applied = wanted
+        self.sync(status=str(status))
+
+
+class _SyncWhenInstalled(ViewerControl):
+    """Hook the viewer calls once all elements are installed: show the loaded model's state then, and
+    again whenever a browser connects (a refinement may have been attached since, e.g. after ns-train)."""
+
+    def __init__(self, controls: RefinementControls) -> None:
+        self._controls_ref = weakref.ref(controls)
+
+    def _setup(self, viewer: "Viewer") -> None:
+        super()._setup(viewer)
+        self._sync_under_lock(recheck=False)
+        viewer.viser_server.on_client_connect(lambda _client: self._sync_under_lock(recheck=True))
+
+    def _sync_under_lock(self, recheck: bool) -> None:
+        controls = self._controls_ref()
+        if controls is None:
+            return
+        lock = getattr(self.viewer, "train_lock", None)
+        with lock if lock is not None else contextlib.nullcontext():
+            if recheck:
+                controls.recheck()
+            controls.sync()
+
+
+def _unavailable_reason(model: "GaussianVAEModel") -> Optional[str]:
+    """Why ``update_refinement`` cannot run on ``model`` (``None`` when it may)."""
+    if not callable(getattr(model, "update_refinement", None)):
+        return ("this gvae-ns model cannot recompute refinements (no update_refinement); "
+                "run gvae-refine --steps K --select MODE and reopen the viewer")
+    recorder = getattr(getattr(model, "strategy", None), "recorder", None)
+    if recorder is None or getattr(recorder, "num_snapshots", 0) == 0:
+        return ("the checkpoint has no lineage snapshots (train with ns-train gaussianvae through at least "
+                "two resolution stages)")
+    if getattr(model, "refiner", None) is None:
+        run_dir = model.config.run_dir
+        if run_dir is None or not (Path(run_dir) / VAE_FILE).is_file():
+            return f"no trained VAE ({VAE_FILE}) beside the run: run gvae-refine first"
+        if not getattr(model, "refinement_scores", None):
+            return f"no selection scores in {REFINEMENT_FILE}: run gvae-refine first"
+    return None
+
+
+def _select_key(select: str) -> str:
+    return select if select in SELECTIONS.values() else "hessian"
+
+
+def _select_label(select: str) -> str:
+    return next(label for label, key in SELECTIONS.items() if key == _select_key(select))
+
+
+def _set(element: ViewerElement, value: Any = None, disabled: Optional[bool] = None) -> None:
+    """Set an element's value / disabled flag, before or after the viewer installed it.
+
+    Unchanged values are not re-sent: setting a viser value fires the element's callbacks again.
+    """
+    if disabled is not None:
+        element.disabled = disabled
+        if element.gui_handle is not None and element.gui_handle.disabled != disabled:
+            element.gui_handle.disabled = disabled
+    if value is not None and getattr(element, "value", None) != value:
+        element.value = value  # type: ignore[attr-defined]

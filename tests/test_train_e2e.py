@@ -1,0 +1,167 @@
+"""End to end on CPU: ns-train gaussianvae on a tiny built-in scene, then ns-export, eval_setup, resume.
+
+One tiny run (32 px, stages 8 -> 16 -> 32 px) is trained once for the module; the tests read what it left.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BIN = Path(sys.executable).parent
+TINY_FLAGS = [
+    "--vis", "tensorboard",
+    "--machine.device-type", "cpu",
+    "--pipeline.model.background-color", "white",
+    "--pipeline.model.num-random", "600",
+    "--pipeline.model.random-scale", "3.0",
+    "--pipeline.model.stage-downscales", "4", "2", "1",
+    "--pipeline.model.stage-steps", "20", "20", "30",
+    "--max-num-iterations", "70",
+    "--pipeline.model.warmup-length", "10",
+    "--pipeline.model.refine-every", "10",
+    "--pipeline.model.refine-vae-steps", "30",
+    "--pipeline.model.refine-fraction", "0.2",
+    "--steps-per-eval-image", "1000",
+    "--steps-per-eval-all-images", "100000",
+    "--steps-per-save", "35",
+]
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
+    env.pop("GVAE_REFINED", None)
+    return env
+
+
+def ns(cmd: str, *args: str, check: bool = True, env=None, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(BIN / cmd), *map(str, args)], capture_output=True, text=True, env=env or _env(),
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory) -> Path:
+    from gvae_ns.synthetic import write_scene
+
+    return write_scene(tmp_path_factory.mktemp("scene"), resolution=32, n_train=8, n_test=2, n_val=2,
+                       supersample=2, n_points=2000)
+
+
+@pytest.fixture(scope="module")
+def run(scene, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("outputs")
+    ns("ns-train", "gaussianvae", "--output-dir", out, "--experiment-name", "tiny", *TINY_FLAGS,
+       "blender-data", "--data", scene)
+    runs = sorted((out / "tiny" / "gaussianvae").iterdir())
+    assert len(runs) == 1
+    return runs[0]
+
+
+def test_run_leaves_checkpoint_lineage_vae_and_refinement(run):
+    ckpts = sorted((run / "nerfstudio_models").glob("step-*.ckpt"))
+    assert [c.name for c in ckpts] == ["step-000000069.ckpt"]
+    for name in ("config.yml", "lineage.npz", "vae.pt", "refinement.pt"):
+        assert (run / name).is_file(), name
+    assert not list(run.rglob(".*.tmp"))
+    # Loads under PyTorch's default weights_only=True, as stock ns-viewer / ns-export / ns-eval do.
+    state = torch.load(ckpts[0], map_location="cpu", weights_only=True)
+    assert state["step"] == 69
+
+
+def test_lineage_has_one_snapshot_per_stage(run):
+    from gvae_ns.lineage.format import load_lineage
+
+    lineage = load_lineage(run / "lineage.npz")
+    assert lineage.snapshot_stage.tolist() == [0, 1, 2]
+    assert lineage.snapshot_step.tolist() == [19, 39, 69]
+    assert lineage.stage_downscales.tolist() == [4, 2, 1]
+    # Densification happened and was recorded: more Gaussians ever created than seeds.
+    assert lineage.num_ids > 600
+
+
+def test_export_writes_refined_scene_by_default_and_original_on_request(run, tmp_path):
+    from plyfile import PlyData
+
+    from gvae_ns.refine import load_refinement
+
+    ckpt = torch.load(next((run / "nerfstudio_models").glob("*.ckpt")), map_location="cpu", weights_only=True)
+    n_original = ckpt["pipeline"]["_model.gauss_params.means"].shape[0]
+    refined = load_refinement(run / "refinement.pt", n_original)
+    assert refined.num_added > 0
+
+    ns("ns-export", "gaussian-splat", "--load-config", run / "config.yml", "--output-dir", tmp_path / "a")
+    ply = PlyData.read(str(tmp_path / "a" / "splat.ply"))
+    assert ply["vertex"].count == refined.params["means"].shape[0]
+    names = [p.name for p in ply["vertex"].properties]
+    assert names[:9] == ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
+    assert names[-8:] == ["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
+    assert len(names) == 62  # 45 f_rest_* for SH degree 3
+
+    ns("ns-export", "gaussian-splat", "--load-config", run / "config.yml", "--output-dir", tmp_path / "b",
+       env=dict(_env(), GVAE_REFINED="0"))
+    assert PlyData.read(str(tmp_path / "b" / "splat.ply"))["vertex"].count == n_original
+
+
+def test_eval_setup_sees_refinement_and_renders_full_resolution(run):
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    _, pipeline, _, _ = eval_setup(run / "config.yml", test_mode="test")
+    model = pipeline.model
+    assert model.refinement_active
+    camera = pipeline.datamanager.test_dataset.cameras[0:1]
+    out = model.get_outputs_for_camera(camera)
+    assert out["rgb"].shape == (32, 32, 3)  # the data's full resolution, never trained at
+    assert torch.isfinite(out["rgb"]).all()
+    model.config.show_refined = False
+    plain = model.get_outputs_for_camera(camera)["rgb"]
+    assert not torch.equal(out["rgb"], plain)
+
+
+def test_resume_continues_the_same_lineage(run, scene, tmp_path):
+    from gvae_ns.lineage.format import load_lineage
+
+    before = load_lineage(run / "lineage.npz")
+    flags = [f for f in TINY_FLAGS]
+    flags[flags.index("--max-num-iterations") + 1] = "10"
+    ns("ns-train", "gaussianvae", "--output-dir", tmp_path, "--experiment-name", "resumed", *flags,
+       "--pipeline.model.refine-after-training", "False", "--load-dir", run / "nerfstudio_models",
+       "blender-data", "--data", scene)
+    resumed_run = next((tmp_path / "resumed" / "gaussianvae").iterdir())
+    after = load_lineage(resumed_run / "lineage.npz")
+    n = before.num_ids
+    assert after.num_ids >= n
+    # Nothing lost: the first n events are the same Gaussians with the same parents and births.
+    assert torch.equal(after.ids[:n], before.ids)
+    assert torch.equal(after.parent[:n], before.parent)
+    assert torch.equal(after.birth[:n], before.birth)
+    assert after.snapshot_stage.tolist()[:3] == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "flags, data, words",
+    [
+        ([], "missing", "does not exist"),
+        (["--pipeline.model.stage-downscales", "64", "32", "16"], None, "fewer than 8"),
+        (["--pipeline.model.stage-downscales", "2", "4", "1"], None, "strictly decrease"),
+        (["--max-num-iterations", "5"], None, "ends before the last stage"),
+        (["--machine.device-type", "cuda"], None, "no CUDA device"),
+    ],
+)
+def test_bad_input_stops_with_one_paragraph(scene, tmp_path, flags, data, words):
+    if "cuda" in flags and torch.cuda.is_available():
+        pytest.skip("CUDA is present here")
+    target = tmp_path / "nope" if data == "missing" else scene
+    proc = ns("ns-train", "gaussianvae", "--output-dir", tmp_path, *TINY_FLAGS, *flags, "blender-data",
+              "--data", target, check=False, timeout=300)
+    assert proc.returncode != 0
+    assert words in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.rglob("*.ckpt"))
