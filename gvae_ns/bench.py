@@ -33,6 +33,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -119,14 +120,16 @@ class BenchConfig:
     """Selections to evaluate: 'all' is "Ours", 'hessian' is "Ours-nabla2"."""
     refine_fraction: float = 0.1
     """Fraction of Gaussians the hessian / grad selection keeps."""
-    refine_args: Tuple[str, ...] = ()
-    """Extra gvae-refine flags (parsed into its RefineConfig), e.g. to size the VAE."""
-    train_args: Tuple[str, ...] = ()
-    """Extra ns-train flags for every run, e.g. ('--pipeline.model.num-random', '2000')."""
-    ours_args: Tuple[str, ...] = ()
-    """Extra ns-train flags for the gaussianvae runs only."""
-    baseline_args: Tuple[str, ...] = ()
-    """Extra ns-train flags for the baseline and oracle runs only."""
+    refine_args: str = ""
+    """Extra gvae-refine flags parsed into its RefineConfig, e.g. --refine-args='--vae-steps 300' (a list in
+    a suite file)."""
+    train_args: str = ""
+    """Extra ns-train flags for every run, e.g. --train-args='--pipeline.model.num-random 2000' (a list in a
+    suite file)."""
+    ours_args: str = ""
+    """Extra ns-train flags for the gaussianvae runs only (as --train-args)."""
+    baseline_args: str = ""
+    """Extra ns-train flags for the baseline and oracle runs only (as --train-args)."""
     background: Literal["white", "black"] = "white"
     """Background colour every model trains and renders with (and that test images with alpha are put on)."""
     jobs: int = 1
@@ -230,6 +233,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise BenchError(f"{where} must be {'an integer' if hint is int else 'a number'}, got {value!r}.")
         return hint(value)
     if hint is str:
+        if isinstance(value, (list, tuple)):  # a list of command-line words
+            return shlex.join(str(v) for v in value)
         return str(value)
     return value
 
@@ -317,13 +322,13 @@ def stage_steps(total: int, fractions: Sequence[float]) -> Tuple[int, ...]:
 def _baseline_spec(cfg: BenchConfig, mode: str, factor: int, data: Path, name: str) -> RunSpec:
     args: Tuple[str, ...] = ("--pipeline.model.rasterize-mode", mode)
     if use_stock_splatfacto(cfg):
-        return RunSpec(name, "splatfacto", factor, data, args + tuple(cfg.baseline_args))
+        return RunSpec(name, "splatfacto", factor, data, args + tuple(shlex.split(cfg.baseline_args)))
     args += (
         "--pipeline.model.stage-downscales", "1",
         "--pipeline.model.stage-steps", str(cfg.steps),
         "--pipeline.model.refine-after-training", "False",
     )
-    return RunSpec(name, "gaussianvae", factor, data, args + tuple(cfg.baseline_args))
+    return RunSpec(name, "gaussianvae", factor, data, args + tuple(shlex.split(cfg.baseline_args)))
 
 
 def baseline_label(cfg: BenchConfig, mode: str) -> str:
@@ -348,7 +353,7 @@ def plan(cfg: BenchConfig, data: Path, lowres: Dict[int, Path]) -> Tuple[List[Ru
                 "--pipeline.model.stage-downscales", *map(str, cfg.ours_downscales),
                 "--pipeline.model.stage-steps", *map(str, stage_steps(cfg.steps, cfg.ours_stage_fractions)),
                 "--pipeline.model.refine-after-training", "False",
-                *cfg.ours_args,
+                *shlex.split(cfg.ours_args),
             )
             runs.append(RunSpec(name, "gaussianvae", factor, lowres[factor], args))
             stages = "/".join(str(d) for d in cfg.ours_downscales)
@@ -441,7 +446,7 @@ def train_command(cfg: BenchConfig, spec: RunSpec) -> List[str]:
         "--steps-per-eval-all-images", "0",
         "--pipeline.model.background-color", cfg.background,
         *spec.args,
-        *cfg.train_args,
+        *shlex.split(cfg.train_args),
         "blender-data", "--data", str(spec.data),
     ]
 
@@ -567,7 +572,7 @@ def refinement_path(output: Path, row: RowSpec) -> Path:
 def _refine_fingerprint(cfg: BenchConfig, row: RowSpec, run_record: dict) -> str:
     return _fingerprint({"run": run_record.get("fingerprint"), "steps": row.refine_steps,
                          "select": row.refine_select, "fraction": cfg.refine_fraction,
-                         "args": list(cfg.refine_args)})
+                         "args": shlex.split(cfg.refine_args)})
 
 
 def refined(cfg: BenchConfig, row: RowSpec, run_record: dict) -> Optional[dict]:
@@ -593,7 +598,11 @@ def refine_row(cfg: BenchConfig, row: RowSpec, run_record: dict) -> dict:
     if cfg.refine_args:
         import tyro
 
-        refine_cfg = tyro.cli(RefineConfig, default=refine_cfg, args=list(cfg.refine_args))
+        try:
+            refine_cfg = tyro.cli(RefineConfig, default=refine_cfg, args=shlex.split(cfg.refine_args))
+        except SystemExit:
+            raise BenchError(f"refine_args {cfg.refine_args!r} are not valid gvae-refine flags (see gvae-refine "
+                             "--help).") from None
     vae_before = (config_path.parent / "vae.pt").is_file()
     _sync()
     start = time.perf_counter()
@@ -658,8 +667,12 @@ def attach_refinement(model: torch.nn.Module, refinement: Optional[Path]) -> Dic
     model.set_refinement(refined_set.params, refined_set.is_new, note=refined_set.describe())
     if not model.refinement_active:
         raise BenchError(f"{refinement}: attached but not active (show_refined off or GVAE_REFINED=0?).")
-    return {"num_original": refined_set.num_original, "num_added": refined_set.num_added,
-            "num_refined": int(len(refined_set.selected))}
+    counts = {"num_original": refined_set.num_original, "num_added": refined_set.num_added,
+              "num_refined": int(len(refined_set.selected))}
+    removed = getattr(refined_set, "removed", None)
+    if removed is not None:
+        counts["num_removed"] = int(len(removed))
+    return counts
 
 
 def _test_dataset(pipeline):
@@ -805,7 +818,9 @@ def _free() -> None:
 
 # ------------------------------------------------------------------------------------------------ reporting
 def _slug_path(output: Path, row_name: str) -> Path:
-    return output.resolve() / "rows" / f"{row_name}.json"
+    path = output.resolve() / "rows" / f"{row_name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def render_path(output: Path, row_name: str) -> Path:
@@ -975,7 +990,8 @@ def figure_grid(output: Path, rows: Sequence[dict]) -> List[List[Tuple[str, Opti
                 line.append((f"{role}: none", None))
             else:
                 path = render_path(output, row["name"]) if row["name"] in ok else None
-                line.append((f"x{factor} {row['label']}" if role != "oracle" else "oracle (full res)", path))
+                label = row["label"].split(" (")[0]
+                line.append((f"x{factor} {label}" if role != "oracle" else "oracle (full res)", path))
         line.append(("ground truth", gt))
         grid.append(line)
     if not grid and oracle is not None:
@@ -987,7 +1003,13 @@ def figure_grid(output: Path, rows: Sequence[dict]) -> List[List[Tuple[str, Opti
 
 def environment(cfg: BenchConfig) -> Dict[str, Any]:
     """Device and software versions, and what the baselines are."""
-    import nerfstudio
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
 
     if torch.cuda.is_available():
         device = f"CUDA: {torch.cuda.get_device_name(0)}"
@@ -997,7 +1019,8 @@ def environment(cfg: BenchConfig) -> Dict[str, Any]:
     return {
         "device": device,
         "torch": torch.__version__,
-        "nerfstudio": getattr(nerfstudio, "__version__", "unknown"),
+        "nerfstudio": installed("nerfstudio"),
+        "gsplat": installed("gsplat"),
         "baselines": "stock ns-train splatfacto (gsplat)" if stock else (
             "splatfacto (CPU renderer): gaussianvae with one stage at the training resolution and no refinement, "
             "i.e. splatfacto's densification and losses rendered by the pure-PyTorch rasterizer"),

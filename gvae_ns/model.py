@@ -102,6 +102,7 @@ class GaussianVAEModel(SplatfactoModel):
         self.refined_is_new: Optional[torch.Tensor] = None
         self.refinement_note = "no refinement yet: it is made after training, or by gvae-refine"
         self.refinement_scores: Optional[Dict[str, torch.Tensor]] = None
+        self.refinement_decoder = "temporal"
         self.refiner = None
         self.tint_new = False
         from gvae_ns.viewer import RefinementControls
@@ -147,6 +148,7 @@ class GaussianVAEModel(SplatfactoModel):
             CONSOLE.print(f"[bold yellow]{err} The original scene is shown.")
             return
         self.refinement_scores = refined.scores
+        self.refinement_decoder = refined.decoder
         self.set_refinement(refined.params, refined.is_new, note=refined.describe())
 
     def update_refinement(self, steps: int, select: str) -> str:
@@ -160,7 +162,7 @@ class GaussianVAEModel(SplatfactoModel):
         if self.refiner is None:
             from gvae_ns.refine import load_refiner
 
-            self.refiner = load_refiner(self, self.refinement_scores)
+            self.refiner = load_refiner(self, self.refinement_scores, self.refinement_decoder)
         refined = self.refiner.refine(steps, select)
         self.set_refinement(refined.params, refined.is_new, note=refined.describe())
         return self.refinement_note

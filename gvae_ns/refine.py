@@ -75,6 +75,8 @@ class Refinement:
     """Extrapolation steps past the finest stage."""
     select: str
     """Selection mode."""
+    decoder: str = "temporal"
+    """What produced it: the lineage VAE ("temporal") or the densification head ("generative")."""
 
     @property
     def num_added(self) -> int:
@@ -83,7 +85,7 @@ class Refinement:
 
     def describe(self) -> str:
         """One line for logs and the viewer."""
-        return (f"+{self.steps} ({self.select}): {self.num_original} original, {len(self.selected)} refined, "
+        return (f"+{self.steps} ({self.select}, {self.decoder}): {self.num_original} original, {len(self.selected)} refined, "
                 f"{len(self.removed)} ended, {self.num_added} added")
 
 
@@ -99,6 +101,7 @@ def save_refinement(refinement: Refinement, path: Union[str, Path]) -> Path:
             "num_original": int(refinement.num_original),
             "steps": int(refinement.steps),
             "select": str(refinement.select),
+            "decoder": str(refinement.decoder),
             "params": {k: refinement.params[k].detach().cpu().contiguous() for k in PARAM_KEYS},
             "is_new": refinement.is_new.detach().cpu().bool(),
             "selected": refinement.selected.detach().cpu().long(),
@@ -148,7 +151,7 @@ def load_refinement(path: Union[str, Path], num_original: int) -> Refinement:
         raise RefinementFileError(f"{path}: 'scores' do not have one value per original Gaussian.")
     return Refinement(params=params, is_new=is_new.bool(), selected=data.get("selected", removed[:0]),
                       removed=removed, scores=scores, num_original=num_original, steps=int(data["steps"]),
-                      select=str(data["select"]))
+                      select=str(data["select"]), decoder=str(data.get("decoder", "temporal")))
 
 
 # --------------------------------------------------------------------------------------------- refinement
@@ -176,6 +179,9 @@ class RefineConfig:
     """Training views used for the selection scores (0 = all)."""
     seed: int = 0
     """Seed for VAE training and the latent draws."""
+    decoder: Literal["temporal", "generative"] = "temporal"
+    """temporal: the lineage VAE's child slots; generative: the serialized-attention densification head
+    (Generative Densification)"""
 
 
 def _sh_rest_coeffs(model) -> int:
@@ -259,7 +265,8 @@ class Refiner:
     """What refinement needs once the VAE is trained: +k / selection changes cost one extrapolation."""
 
     def __init__(self, model, vae, scores: Dict[str, torch.Tensor], lineage=None, fraction: float = 0.1,
-                 max_new_ratio: float = 1.0, seed: int = 0) -> None:
+                 max_new_ratio: float = 1.0, seed: int = 0, decoder: str = "temporal") -> None:
+        """``vae``: the trained decoder, a GaussianVAE (``decoder="temporal"``) or a DensifyHead ("generative")."""
         from gvae_ns.gaussians import pack_state
         from gvae_ns.lineage.dataset import final_histories
 
@@ -278,6 +285,9 @@ class Refiner:
         self.fraction = fraction
         self.max_new_ratio = max_new_ratio
         self.seed = seed
+        if decoder not in ("temporal", "generative"):
+            raise ValueError(f"Refiner: decoder must be 'temporal' or 'generative', got {decoder!r}")
+        self.decoder = decoder
         self._cache: Dict[Tuple[int, str], Refinement] = {}
 
     def refine(self, steps: int, select: str) -> Refinement:
@@ -294,21 +304,30 @@ class Refiner:
         score = combine_scores(self.scores.get("grad2d"), self.scores.get("hessian"), mode=select)
         chosen = select_top(score) if select == "all" else select_top(score, fraction=self.fraction)
         device = next(self.vae.parameters()).device
-        result = extrapolate(
-            self.vae, self.history[chosen].to(device), self.history_mask[chosen].to(device), steps=steps,
-            max_new=int(round(self.max_new_ratio * len(chosen))), seed=self.seed,
-        )
+        max_new = int(round(self.max_new_ratio * len(chosen)))
         states = self.states.clone()
-        states[chosen] = result.refined.cpu()
         keep = torch.ones(states.shape[0], dtype=torch.bool)
-        keep[chosen[~result.alive.cpu()]] = False
-        all_states = torch.cat([states[keep], result.added.cpu()], dim=0)
+        if self.decoder == "generative":
+            from gvae_ns.vae.densify_train import densify
+
+            added, source = densify(self.vae, states[chosen].to(device), steps=steps, max_new=max_new)
+            keep[chosen[source.unique().cpu()]] = False
+        else:
+            result = extrapolate(
+                self.vae, self.history[chosen].to(device), self.history_mask[chosen].to(device), steps=steps,
+                max_new=max_new, seed=self.seed,
+            )
+            states[chosen] = result.refined.cpu()
+            keep[chosen[~result.alive.cpu()]] = False
+            added = result.added
+        all_states = torch.cat([states[keep], added.cpu()], dim=0)
         is_new = torch.zeros(all_states.shape[0], dtype=torch.bool)
         is_new[int(keep.sum()):] = True
         params = unpack_state(all_states, _sh_rest_coeffs(self.model))
         params = {k: v.contiguous() for k, v in params.items()}
         refinement = Refinement(params=params, is_new=is_new, selected=chosen, removed=(~keep).nonzero().flatten(),
-                                scores=self.scores, num_original=states.shape[0], steps=int(steps), select=select)
+                                scores=self.scores, num_original=states.shape[0], steps=int(steps), select=select,
+                                decoder=self.decoder)
         self._cache[key] = refinement
         return refinement
 
@@ -328,7 +347,12 @@ def build_refiner(config: RefineConfig, pipeline) -> Refiner:
     vae_path = _run_dir(config) / VAE_FILE
     device = model.device
     started = time.perf_counter()
-    if vae_path.exists() and not config.retrain_vae:
+    if config.decoder == "generative":
+        from gvae_ns.vae.densify_train import DensifyTrainConfig, densify_head_for_run
+
+        vae = densify_head_for_run(_run_dir(config), lineage, DensifyTrainConfig(steps=config.vae_steps),
+                                   retrain=config.retrain_vae, device=device, seed=config.seed)
+    elif vae_path.exists() and not config.retrain_vae:
         vae = load_vae(vae_path, map_location=device)
         print(f"gvae-refine: using the VAE in {vae_path}")
     else:
@@ -342,23 +366,25 @@ def build_refiner(config: RefineConfig, pipeline) -> Refiner:
     scores = score_gaussians(model, pipeline.datamanager, views=config.score_views)
     print(f"gvae-refine: scored {scores['grad2d'].numel()} Gaussians in {time.perf_counter() - started:.1f} s")
     return Refiner(model, vae, scores, lineage=lineage, fraction=config.fraction, max_new_ratio=config.max_new_ratio,
-                   seed=config.seed)
+                   seed=config.seed, decoder=config.decoder)
 
 
-def load_refiner(model, scores: Optional[Dict[str, torch.Tensor]]) -> Refiner:
-    """A :class:`Refiner` for a loaded run from ``<run>/vae.pt`` and stored selection scores."""
+def load_refiner(model, scores: Optional[Dict[str, torch.Tensor]], decoder: str = "temporal") -> Refiner:
+    """A :class:`Refiner` for a loaded run from its saved decoder (``vae.pt`` / ``densify_head.pt``) and scores."""
+    from gvae_ns.vae.densify_train import DENSIFY_HEAD_FILE, load_densify_head
     from gvae_ns.vae.model import load_vae
 
+    name, loader = (DENSIFY_HEAD_FILE, load_densify_head) if decoder == "generative" else (VAE_FILE, load_vae)
     run_dir = model.config.run_dir
-    if run_dir is None or not (Path(run_dir) / VAE_FILE).is_file():
-        raise RefinementUnavailable(f"no trained VAE ({VAE_FILE}) beside the run: run gvae-refine first.")
+    if run_dir is None or not (Path(run_dir) / name).is_file():
+        raise RefinementUnavailable(f"no trained decoder ({name}) beside the run: run gvae-refine first.")
     if not scores:
         raise RefinementUnavailable(f"no selection scores: run gvae-refine to write {REFINEMENT_FILE}.")
     try:
-        vae = load_vae(Path(run_dir) / VAE_FILE, map_location=model.device)
+        net = loader(Path(run_dir) / name, map_location=model.device)
     except (OSError, ValueError) as err:
         raise RefinementUnavailable(str(err)) from None
-    return Refiner(model, vae, scores)
+    return Refiner(model, net, scores, decoder=decoder)
 
 
 def refine_run(config: RefineConfig, pipeline=None) -> Refinement:

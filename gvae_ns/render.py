@@ -12,12 +12,15 @@ semantics of ``gsplat.rendering.rasterization`` (gsplat 1.4.0) and dispatches on
   to back by depth, a pixel stops before the Gaussian that would take its transmittance to
   ``<= 1e-4``.
 
-Nothing is dense in ``N x H*W``: the (Gaussian, pixel) pairs are generated from screen boxes,
-sorted by (pixel, depth), and the per-pixel transmittance is a segmented cumulative sum of
-``log(1 - alpha)``. Compositing is a ``torch.autograd.Function`` with a hand-written backward (the
-pairs are kept, the per-pair math is recomputed), so memory is a few numbers per pair and the
-view-space gradient ``info["means2d"].grad`` (and ``.absgrad``) matches what gsplat's
-``DefaultStrategy`` expects.
+Nothing is dense in ``N x H*W``. The image is cut into 4x4-pixel blocks; each block gets the
+depth-sorted list of the Gaussians whose ``alpha >= 1/255`` ellipse reaches one of its pixels
+(exact ellipse/box test). Blocks with lists of similar length are padded into ``[B, 16, K]``
+batches in which every step is a dense tensor op: ``log(opacity) - sigma`` is a quadratic in the
+pixel offset, so all exponents come from one matmul; transmittance is a ``cumsum`` of
+``log(1 - alpha)`` along ``K``. Compositing is a ``torch.autograd.Function`` with a hand-written
+backward that keeps only the block lists (cut after each block's last contributing Gaussian) and
+recomputes the rest, so memory stays bounded (``MAX_ENTRIES_PER_CHUNK``) and the view-space
+gradient ``info["means2d"].grad`` (and ``.absgrad``) is what gsplat's ``DefaultStrategy`` expects.
 """
 
 from __future__ import annotations
@@ -155,20 +158,21 @@ def rasterize_torch(
     ``absgrad``), ``depths``, ``conics``, ``opacities``, ``camera_ids``, ``gaussian_ids``,
     ``tiles_per_gauss``, ``width``, ``height``, ``tile_size``, ``tile_width``, ``tile_height``,
     ``n_cameras``. ``sparse_grad`` is accepted and ignored (dense gradients).
+
+    Of gsplat's further keywords (``**unused``), ``covars [N,3,3]`` replaces ``quats``/``scales``,
+    ``channel_chunk`` is ignored, ``distributed=True`` and a ``camera_model`` other than
+    ``"pinhole"`` raise ``NotImplementedError``; anything else is ignored with a warning.
     """
     _check_unused(unused)
     N = means.shape[0]
     C = viewmats.shape[0]
     D_in = colors.shape[-1]
+    covars = unused.get("covars")
     _check_inputs(
-        means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree,
+        means, quats, scales, covars, opacities, colors, viewmats, Ks, width, height, sh_degree,
         tile_size, backgrounds, render_mode, rasterize_mode, D_in,
     )
-    if unused.get("covars") is not None:
-        covars = unused["covars"]
-        if covars.shape != (N, 3, 3):
-            raise ValueError(f"rasterize_torch: covars must be [N, 3, 3], got {tuple(covars.shape)}.")
-    else:
+    if covars is None:
         covars = _quat_scale_to_covar(quats, scales)
 
     proj = project_gaussians(
@@ -273,18 +277,21 @@ def _check_unused(unused: Dict) -> None:
 
 
 def _check_inputs(
-    means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, tile_size,
+    means, quats, scales, covars, opacities, colors, viewmats, Ks, width, height, sh_degree, tile_size,
     backgrounds, render_mode, rasterize_mode, D_in,
 ) -> None:
+    """Raise ``ValueError`` naming the argument when shapes or options do not match gsplat's."""
     N, C = means.shape[0], viewmats.shape[0]
     expected = {
         "means": (means, (N, 3)),
-        "quats": (quats, (N, 4)),
-        "scales": (scales, (N, 3)),
         "opacities": (opacities, (N,)),
         "viewmats": (viewmats, (C, 4, 4)),
         "Ks": (Ks, (C, 3, 3)),
     }
+    if covars is None:
+        expected.update(quats=(quats, (N, 4)), scales=(scales, (N, 3)))
+    else:
+        expected.update(covars=(covars, (N, 3, 3)))
     for name, (tensor, shape) in expected.items():
         if tuple(tensor.shape) != shape:
             raise ValueError(f"rasterize_torch: {name} must have shape {shape}, got {tuple(tensor.shape)}.")
@@ -320,7 +327,9 @@ def _check_inputs(
             f"rasterize_torch: rasterize_mode must be one of {_RASTERIZE_MODES}, got {rasterize_mode!r}."
         )
     if width <= 0 or height <= 0 or tile_size <= 0:
-        raise ValueError(f"rasterize_torch: width, height, tile_size must be positive, got {width}, {height}, {tile_size}.")
+        raise ValueError(
+            f"rasterize_torch: width, height, tile_size must be positive, got {width}, {height}, {tile_size}."
+        )
     if backgrounds is not None:
         D = 3 if sh_degree is not None else D_in
         if tuple(backgrounds.shape) != (C, D):
@@ -420,7 +429,9 @@ def project_gaussians(
 
 _SH_C0 = 0.28209479177387814
 _SH_C1 = 0.4886025119029199
-_SH_C2 = (1.0925484305920792, -1.0925484305920792, 0.31539156525252005, -1.0925484305920792, 0.5462742152960396)
+_SH_C2 = (
+    1.0925484305920792, -1.0925484305920792, 0.31539156525252005, -1.0925484305920792, 0.5462742152960396,
+)
 _SH_C3 = (
     -0.5900435899266435, 2.890611442640554, -0.4570457994644658, 0.3731763325901154,
     -0.4570457994644658, 1.445305721320277, -0.5900435899266435,
@@ -456,13 +467,15 @@ def sh_basis(degree: int, dirs: Tensor) -> Tensor:
 
 
 def eval_sh(degree: int, dirs: Tensor, coeffs: Tensor) -> Tensor:
-    """Evaluate SH ``coeffs [..., K, 3]`` (first ``(degree+1)^2`` used) along ``dirs [..., 3]`` -> ``[..., 3]``."""
+    """Colour ``[..., 3]`` of SH ``coeffs [..., K, 3]`` (first ``(degree+1)^2`` used) along ``dirs [..., 3]``."""
     n_bases = (degree + 1) ** 2
     basis = sh_basis(degree, F.normalize(dirs, dim=-1))
-    return (basis.unsqueeze(-1) * coeffs[..., :n_bases, :]).sum(dim=-2)
+    return torch.matmul(basis.unsqueeze(-2), coeffs[..., :n_bases, :]).squeeze(-2)
 
 
-def _tiles_per_gauss(means2d: Tensor, radii: Tensor, tile_size: int, tile_width: int, tile_height: int) -> Tensor:
+def _tiles_per_gauss(
+    means2d: Tensor, radii: Tensor, tile_size: int, tile_width: int, tile_height: int
+) -> Tensor:
     """Number of tiles each projected Gaussian touches (gsplat's ``tiles_per_gauss``): ``[C, N]`` int32."""
     x0, x1, y0, y1 = _tile_box(means2d, radii, tile_size, tile_width, tile_height)
     return ((x1 - x0) * (y1 - y0) * (radii > 0)).to(torch.int32)
@@ -499,9 +512,11 @@ def composite(
     ``backgrounds [C,D]``. ``absgrad_sink`` receives the ``[C,N,2]`` sum over pixels of absolute
     per-pixel gradients of ``means2d`` during backward.
     """
+    tensors = (means2d, conics, colors, opacities, backgrounds)
+    differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     return _Composite.apply(
         means2d, conics, colors, opacities, backgrounds, radii, depths.detach(),
-        width, height, tile_size, absgrad_sink,
+        width, height, tile_size, absgrad_sink, differentiable,
     )
 
 
@@ -539,21 +554,26 @@ def _block_lists(
         ny = ((torch.div(y1 + BLOCK - 1, BLOCK, rounding_mode="floor") - by0) * (y1 > y0)).clamp_min(0)
         counts = nx * ny
         g = torch.repeat_interleave(torch.arange(idx.numel(), device=device), counts)
-        local = torch.arange(g.numel(), device=device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-        bx = bx0[g] + local % nx[g]
-        by = by0[g] + torch.div(local, nx[g], rounding_mode="floor")
+        first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        local = torch.arange(g.numel(), device=device) - first  # index inside the Gaussian's block box
+        ints = _take(torch.stack([bx0, by0, nx, x0, x1, y0, y1], dim=1), g)
+        floats = _take(torch.cat([m2, con, level[:, None]], dim=1), g)
+        bx0_g, by0_g, nx_g, x0_g, x1_g, y0_g, y1_g = ints.unbind(1)
+        mx, my, con_g, level_g = floats[:, 0], floats[:, 1], floats[:, 2:5], floats[:, 5]
+        bx = bx0_g + local % nx_g
+        by = by0_g + torch.div(local, nx_g, rounding_mode="floor")
         # pixel centres of the block that are in the Gaussian's pixel range, then the exact test
-        lo_x = torch.maximum(bx * BLOCK, x0[g]).to(m2.dtype) + 0.5
-        hi_x = torch.minimum(bx * BLOCK + BLOCK, x1[g]).to(m2.dtype) - 0.5
-        lo_y = torch.maximum(by * BLOCK, y0[g]).to(m2.dtype) + 0.5
-        hi_y = torch.minimum(by * BLOCK + BLOCK, y1[g]).to(m2.dtype) - 0.5
-        mx, my = m2[g, 0], m2[g, 1]
-        reach = _min_sigma_in_box(con[g], mx - hi_x, mx - lo_x, my - hi_y, my - lo_y) <= level[g] * (1 + 1e-5) + 1e-6
-        gauss.append(idx[g[reach]] + cam * N)
-        block.append((by * blocks_x + bx + cam * blocks_x * blocks_y)[reach])
+        lo_x = torch.maximum(bx * BLOCK, x0_g).to(m2.dtype) + 0.5
+        hi_x = torch.minimum(bx * BLOCK + BLOCK, x1_g).to(m2.dtype) - 0.5
+        lo_y = torch.maximum(by * BLOCK, y0_g).to(m2.dtype) + 0.5
+        hi_y = torch.minimum(by * BLOCK + BLOCK, y1_g).to(m2.dtype) - 0.5
+        min_sigma = _min_sigma_in_box(con_g, mx - hi_x, mx - lo_x, my - hi_y, my - lo_y)
+        reach = torch.nonzero(min_sigma <= level_g * (1 + 1e-5) + 1e-6).squeeze(1)
+        gauss.append(_take(idx, _take(g, reach)) + cam * N)
+        block.append(_take(by * blocks_x + bx, reach) + cam * blocks_x * blocks_y)
     gauss, block = torch.cat(gauss), torch.cat(block)
     order = torch.argsort(block, stable=True)  # pairs were listed depth-major within a camera
-    return gauss[order], block[order]
+    return _take(gauss, order), _take(block, order)
 
 
 def _min_sigma_in_box(conics: Tensor, lx: Tensor, hx: Tensor, ly: Tensor, hy: Tensor) -> Tensor:
@@ -589,19 +609,19 @@ def _chunks(gauss: Tensor, block: Tensor, null: int):
     run = torch.cumsum(starts, 0) - 1  # run (= block list) of each pair
     run_start = torch.nonzero(starts).squeeze(1)
     run_len = torch.diff(run_start, append=torch.tensor([block.numel()], device=device))
-    slot = torch.arange(block.numel(), device=device) - run_start[run]
+    slot = torch.arange(block.numel(), device=device) - _take(run_start, run)
     sizes = torch.tensor(_PAD_SIZES, device=device)
-    run_size = sizes[torch.searchsorted(sizes, run_len)]
+    run_size = _take(sizes, torch.searchsorted(sizes, run_len))
     # runs ordered by padded size; the pairs of run r go to row rank[r] of its size's matrix
     run_order = torch.argsort(run_size, stable=True)
-    ordered_size = run_size[run_order]
+    ordered_size = _take(run_size, run_order)
     size_values, size_counts = torch.unique_consecutive(ordered_size, return_counts=True)
     first_of_size = torch.cumsum(size_counts, 0) - size_counts
     rank = torch.empty_like(run_order)
     rank[run_order] = torch.arange(run_order.numel(), device=device)
     size_id = torch.searchsorted(size_values, run_size)
-    row = rank - first_of_size[size_id]
-    pair_size_id = size_id[run]
+    row = rank - _take(first_of_size, size_id)
+    pair_size_id = _take(size_id, run)
     pair_order = torch.argsort(pair_size_id, stable=True)
     pair_counts = torch.bincount(pair_size_id, minlength=size_values.numel()).tolist()
     out = []
@@ -610,8 +630,8 @@ def _chunks(gauss: Tensor, block: Tensor, null: int):
     ):
         runs = run_order[first_of_size[sid] : first_of_size[sid] + n_runs]
         lists = torch.full((n_runs, size), null, dtype=torch.long, device=device)
-        lists[row[run[pairs]], slot[pairs]] = gauss[pairs]
-        blocks = block[run_start[runs]]
+        lists.index_put_((_take(row, _take(run, pairs)), _take(slot, pairs)), _take(gauss, pairs))
+        blocks = _take(block, _take(run_start, runs))
         step = max(1, MAX_ENTRIES_PER_CHUNK // (BLOCK * BLOCK * size))
         for start in range(0, n_runs, step):
             out.append((blocks[start : start + step], lists[start : start + step]))
@@ -639,6 +659,11 @@ class _Entries(NamedTuple):
     """``alpha * trans`` where the entry contributes, else 0."""
     contributes: Tensor
     """Bool: the pixel had not stopped before this entry."""
+
+
+def _take(table: Tensor, index: Tensor) -> Tensor:
+    """``table[index]`` for a table indexed along dim 0 (``index_select`` is faster on CPU)."""
+    return torch.index_select(table, 0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
 
 
 def _block_basis(device, dtype) -> Tensor:
@@ -669,7 +694,7 @@ def _entries(tab: Tensor, blocks: Tensor, lists: Tensor, width: int, height: int
     inside = (px < width) & (py < height)
     pixel = torch.where(inside, cam[:, None] * (width * height) + py * width + px, null_pixel)
 
-    params = tab[lists]  # [B, K, 6]
+    params = _take(tab, lists)  # [B, K, 6]
     mx, my, a, b, c, op = params.unbind(-1)
     u = mx - (bx.to(dtype) + 0.5)[:, None]
     v = my - (by.to(dtype) + 0.5)[:, None]
@@ -679,16 +704,17 @@ def _entries(tab: Tensor, blocks: Tensor, lists: Tensor, width: int, height: int
         [log_op - 0.5 * (u * au_bv + v * cv_bu), au_bv, cv_bu, -0.5 * a, -b, -0.5 * c], dim=1
     )  # [B, 6, K]: log(opacity) - sigma in the monomials of q
     raw = torch.exp(torch.matmul(basis.to(dtype), coef))  # [B, P, K]
-    skip = raw < ALPHA_MIN
+    hit = raw >= ALPHA_MIN
     if box is not None:  # blocks straddle gsplat tiles: apply each Gaussian's tile box per pixel
-        x0, x1, y0, y1 = box[lists].unsqueeze(1).unbind(-1)
-        skip |= (px[:, :, None] < x0) | (px[:, :, None] >= x1) | (py[:, :, None] < y0) | (py[:, :, None] >= y1)
-    alpha = raw.clamp_max(ALPHA_MAX).masked_fill_(skip, 0.0)
+        x0, x1, y0, y1 = _take(box, lists).unsqueeze(1).unbind(-1)
+        hit &= (px[:, :, None] >= x0) & (px[:, :, None] < x1) & (py[:, :, None] >= y0) & (py[:, :, None] < y1)
+    # (multiplying by boolean masks is much faster than masked_fill_ / where on CPU)
+    alpha = raw.clamp_max(ALPHA_MAX).mul_(hit)
     log_t = torch.log1p(-alpha)
     cum = torch.cumsum(log_t, dim=-1)
     trans = torch.exp(cum - log_t)
     contributes = cum > math.log(TRANSMITTANCE_MIN)
-    weight = (alpha * trans).masked_fill_(~contributes, 0.0)
+    weight = (alpha * trans).mul_(contributes)
     return _Entries(pixel, u, v, params, raw, alpha, trans, weight, contributes)
 
 
@@ -697,7 +723,7 @@ class _Composite(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, means2d, conics, colors, opacities, backgrounds, radii, depths, width, height,
-                tile_size, absgrad_sink):
+                tile_size, absgrad_sink, differentiable):
         C, N, D = colors.shape
         HW = height * width
         n_cam_blocks = math.ceil(width / BLOCK) * math.ceil(height / BLOCK)
@@ -708,12 +734,21 @@ class _Composite(torch.autograd.Function):
 
         out = colors.new_zeros(C * HW + 1, D)
         acc = colors.new_zeros(C * HW + 1)
+        kept_gauss, kept_block = [], []
         for blocks, lists in chunks:
             e = _entries(tab, blocks, lists, width, height, n_cam_blocks, C * HW, box)
             pix = e.pixel.reshape(-1)
-            out.index_copy_(0, pix, torch.bmm(e.weight, flat_colors[lists]).reshape(-1, D))
+            out.index_copy_(0, pix, torch.bmm(e.weight, _take(flat_colors, lists)).reshape(-1, D))
             acc.index_copy_(0, pix, e.weight.sum(-1).reshape(-1))
+            if differentiable:  # backward only needs each list up to its last contributing Gaussian
+                k = torch.arange(1, lists.shape[1] + 1, device=lists.device)
+                length = ((e.weight.amax(1) > 0) * k).amax(1, keepdim=True)
+                keep = k <= length
+                kept_gauss.append(lists[keep])
+                kept_block.append(blocks.unsqueeze(1).expand_as(lists)[keep])
         out, acc = out[:-1], acc[:-1]
+        if differentiable and kept_gauss:
+            chunks = _chunks(torch.cat(kept_gauss), torch.cat(kept_block), null=C * N)
         t_final = 1.0 - acc
         if backgrounds is not None:
             out = out + (t_final.view(C, HW, 1) * backgrounds.view(C, 1, D)).view(C * HW, D)
@@ -747,14 +782,14 @@ class _Composite(torch.autograd.Function):
         v_colors = colors.new_zeros(C * N + 1, D)
         for blocks, lists in ctx.chunks:
             e = _entries(tab, blocks, lists, width, height, n_cam_blocks, C * HW, box)
-            g = v_px[e.pixel]  # [B, P, D]
+            g = _take(v_px, e.pixel)  # [B, P, D]
             v_colors.index_add_(0, lists.reshape(-1), torch.bmm(e.weight.transpose(1, 2), g).reshape(-1, D))
-            dot = torch.bmm(g, flat_colors[lists].transpose(1, 2))  # [B, P, K]
+            dot = torch.bmm(g, _take(flat_colors, lists).transpose(1, 2))  # [B, P, K]
             wd = e.weight * dot
             later = wd.sum(-1, keepdim=True) - torch.cumsum(wd, dim=-1)
-            v_alpha = e.trans * dot - (later + tv[e.pixel].unsqueeze(-1)) / (1.0 - e.alpha)
+            v_alpha = e.trans * dot - (later + _take(tv, e.pixel).unsqueeze(-1)) / (1.0 - e.alpha)
             free = e.contributes & (e.alpha > 0) & (e.raw <= ALPHA_MAX)  # clamped alpha: no gradient
-            h = v_alpha.masked_fill_(~free, 0.0).mul_(e.raw)  # = -d loss / d sigma
+            h = v_alpha.mul_(free).mul_(e.raw)  # = -d loss / d sigma
             S = -torch.matmul(basis_t, h)  # [B, 6, K]: sums over pixels of dL/dsigma * monomials
             S0, Sx, Sy, Sxx, Sxy, Syy = S.unbind(1)
             mx, my, a, b, c, op = e.params.unbind(-1)
@@ -786,11 +821,13 @@ class _Composite(torch.autograd.Function):
             v_bg = (v_render.reshape(C, HW, D) * t_final.view(C, HW, 1)).sum(1)
         return (
             v_tab[:, 0:2].reshape(C, N, 2), v_tab[:, 2:5].reshape(C, N, 3), v_colors[:-1].view(C, N, D),
-            v_tab[:, 5].reshape(C, N), v_bg, None, None, None, None, None, None,
+            v_tab[:, 5].reshape(C, N), v_bg, None, None, None, None, None, None, None,
         )
 
 
-def _gauss_table(means2d, conics, opacities, radii, tile_size, width, height) -> Tuple[Tensor, Optional[Tensor]]:
+def _gauss_table(
+    means2d: Tensor, conics: Tensor, opacities: Tensor, radii: Tensor, tile_size: int, width: int, height: int
+) -> Tuple[Tensor, Optional[Tensor]]:
     """``[C*N+1, 6]`` (mean x, mean y, conic a, b, c, opacity) with a last all-zero, invisible row.
 
     The second value holds each Gaussian's gsplat tile box in pixels (``[C*N+1, 4]``), needed only
@@ -804,6 +841,9 @@ def _gauss_table(means2d, conics, opacities, radii, tile_size, width, height) ->
     box = None
     if tile_size % BLOCK:
         tile_width, tile_height = math.ceil(width / tile_size), math.ceil(height / tile_size)
-        x0, x1, y0, y1 = _tile_box(means2d.reshape(C * N, 2), radii.reshape(C * N), tile_size, tile_width, tile_height)
-        box = torch.cat([torch.stack([x0, x1, y0, y1], dim=-1) * tile_size, torch.zeros(1, 4, dtype=torch.long, device=tab.device)])
+        x0, x1, y0, y1 = _tile_box(
+            means2d.reshape(C * N, 2), radii.reshape(C * N), tile_size, tile_width, tile_height
+        )
+        box = torch.stack([x0, x1, y0, y1], dim=-1) * tile_size
+        box = torch.cat([box, box.new_zeros(1, 4)])
     return tab, box

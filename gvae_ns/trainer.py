@@ -59,7 +59,8 @@ def check_run_config(config: TrainerConfig) -> None:
     model = config.pipeline.model
     schedule = StageSchedule(tuple(model.stage_downscales), tuple(model.stage_steps))
     bounds = schedule.boundaries
-    if config.max_num_iterations < bounds[-2] + 1:
+    resuming = config.load_dir is not None or config.load_checkpoint is not None
+    if not resuming and config.max_num_iterations < bounds[-2] + 1:
         raise RunConfigError(
             f"max_num_iterations={config.max_num_iterations} ends before the last stage starts (step "
             f"{bounds[-2]}). Set --max-num-iterations {schedule.total_steps} or shorten "

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
@@ -60,6 +61,8 @@ SELECTIONS: Dict[str, str] = {"Hessian-guided": "hessian", "Whole scene": "all"}
 """Dropdown label -> ``select`` argument of ``model.update_refinement``."""
 MAX_STEPS = 4
 """Largest extrapolation step count the slider offers."""
+PUT_BACK_DELAY_S = 0.2
+"""Delay before a refused steps / selection change is sent to the browsers again (see ``_put_back``)."""
 
 
 class RefinementControls(nn.Module):
@@ -171,22 +174,42 @@ class RefinementControls(nn.Module):
 
     def _on_recompute(self, _element: Any) -> None:
         wanted = (int(round(float(self.steps.value))), SELECTIONS.get(str(self.select.value), "hessian"))
-        if wanted == self.applied() or self.unavailable is not None:
+        if wanted == self.applied():
             self.sync()
             return
-        update = self._model.update_refinement
+        if self.unavailable is not None:
+            self._put_back()
+            return
         _set(self.note, value=f"computing +{wanted[0]} ({wanted[1]}) ...")
         try:
-            status = update(wanted[0], wanted[1])
+            status = self._model.update_refinement(wanted[0], wanted[1])
         except RefinementUnavailable as err:
             self._failure = str(err)
-            self.sync()
+            self._put_back()
             return
         except ValueError as err:
-            self.sync(status=f"+{wanted[0]} ({wanted[1]}) failed: {err}")
+            self._put_back(status=f"+{wanted[0]} ({wanted[1]}) failed: {err}")
             return
         self._applied = wanted
         self.sync(status=str(status))
+
+    def _put_back(self, status: Optional[str] = None) -> None:
+        """Show the applied steps / selection again after a change that could not be made.
+
+        viser forwards a browser's edit to the other browsers after the callbacks ran, and that message
+        replaces, in its send buffer, a value set inside the callback; so the value is sent once more a
+        moment later.
+        """
+        self.sync(status=status)
+        timer = threading.Timer(PUT_BACK_DELAY_S, self._resend_applied)
+        timer.daemon = True
+        timer.start()
+
+    def _resend_applied(self) -> None:
+        steps, select = self.applied()
+        for element, value in ((self.steps, steps), (self.select, _select_label(select))):
+            if element.gui_handle is not None:
+                element.gui_handle.value = value
 
 
 class _SyncWhenInstalled(ViewerControl):

@@ -1,7 +1,10 @@
 """Time gvae_ns.render.rasterize_torch (CPU) forward and forward+backward on random scenes.
 
     OMP_NUM_THREADS=2 .venv/bin/python scripts/bench_render.py
-    OMP_NUM_THREADS=2 .venv/bin/python scripts/bench_render.py --sizes 20000 --resolutions 200 400
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_render.py --sizes 20000 --resolutions 200 400
+
+On a machine shared with other jobs, OpenMP threads spin while waiting for each other and inflate
+both wall-clock and CPU time; OMP_NUM_THREADS=1 then gives the steadiest CPU-time figures.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ class BenchConfig:
     cameras: int = 1
     """Cameras rendered per call."""
     sh_degree: int = 3
-    """SH degree of the colours (gsplat semantics; -1 renders plain RGB)."""
+    """SH degree of the colours (-1: plain RGB colours, no SH)."""
     repeats: int = 3
     """Timed repetitions per setting; the median is reported."""
     scale_range: Tuple[float, float] = (0.01, 0.06)
@@ -74,9 +77,13 @@ def _median_time(fn, repeats: int) -> Tuple[float, float]:
 
 def main(cfg: BenchConfig) -> None:
     """Print one line per (N, resolution): forward and forward+backward times, mean coverage."""
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cameras {cfg.cameras}, sh_degree {cfg.sh_degree}")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, cameras {cfg.cameras}, "
+        f"sh_degree {cfg.sh_degree}"
+    )
     print("wall = wall-clock seconds, cpu = process CPU seconds (all threads), medians")
-    print(f"{'N':>8} {'res':>6} {'fwd_wall':>9} {'fwd_cpu':>8} {'f+b_wall':>9} {'f+b_cpu':>8} {'alpha_mean':>10}")
+    header = ("N", "res", "fwd_wall", "fwd_cpu", "f+b_wall", "f+b_cpu", "alpha_mean")
+    print(" ".join(f"{h:>10}" for h in header))
     sh = cfg.sh_degree if cfg.sh_degree >= 0 else None
     for n in cfg.sizes:
         params = _scene(n, cfg)
@@ -98,10 +105,8 @@ def main(cfg: BenchConfig) -> None:
                 t_fwd = _median_time(forward, cfg.repeats)
                 _, alpha, _ = forward()
             t_all = _median_time(forward_backward, cfg.repeats)
-            print(
-                f"{n:>8} {side:>6} {t_fwd[0]:>9.3f} {t_fwd[1]:>8.3f} {t_all[0]:>9.3f} {t_all[1]:>8.3f} "
-                f"{alpha.mean().item():>10.3f}"
-            )
+            row = (t_fwd[0], t_fwd[1], t_all[0], t_all[1], alpha.mean().item())
+            print(f"{n:>10} {side:>10} " + " ".join(f"{x:>10.3f}" for x in row))
 
 
 if __name__ == "__main__":

@@ -116,7 +116,7 @@ def test_eval_setup_sees_refinement_and_renders_full_resolution(run):
     _, pipeline, _, _ = eval_setup(run / "config.yml", test_mode="test")
     model = pipeline.model
     assert model.refinement_active
-    camera = pipeline.datamanager.test_dataset.cameras[0:1]
+    camera = pipeline.datamanager.eval_dataset.cameras[0:1]
     out = model.get_outputs_for_camera(camera)
     assert out["rgb"].shape == (32, 32, 3)  # the data's full resolution, never trained at
     assert torch.isfinite(out["rgb"]).all()

@@ -11,7 +11,7 @@ import torch
 from gvae_ns.gaussians import MEANS, OPACITY, QUATS, SCALES, SH_DC, STATE_DIM
 from gvae_ns.vae import features as feats
 from gvae_ns.vae.flow import FlowPrior
-from gvae_ns.vae.losses import LossWeights, chamfer_distance, cyclic_beta, exist_bce, masked_mse
+from gvae_ns.vae.losses import chamfer_distance, cyclic_beta, exist_bce, masked_mse
 from gvae_ns.vae.model import (
     DecoderSpec,
     GaussianVAE,

@@ -20,12 +20,18 @@ from torch import Tensor, nn
 class AffineCoupling(nn.Module):
     """One invertible affine coupling: ``y = m*x + (1-m)*(x*exp(s(m*x)) + t(m*x))``."""
 
-    def __init__(self, dim: int, hidden: int, mask: Tensor, context_dim: int = 0, max_log_scale: float = 2.0) -> None:
+    def __init__(
+        self, dim: int, hidden: int, mask: Tensor, context_dim: int = 0, max_log_scale: float = 2.0
+    ) -> None:
         super().__init__()
         self.register_buffer("mask", mask.float())
         self.max_log_scale = max_log_scale
         self.net = nn.Sequential(
-            nn.Linear(dim + context_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 2 * dim)
+            nn.Linear(dim + context_dim, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, 2 * dim),
         )
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)

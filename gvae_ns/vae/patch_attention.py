@@ -5,7 +5,9 @@ cloud is padded to a multiple of ``patch_size`` (padding is masked out of the ke
 ``torch.nn.functional.scaled_dot_product_attention`` runs over ``[num_patches, heads, P, P]``. The
 number of patches grows with N and each costs ``P**2``, so time and memory grow linearly with N
 (plus the O(N log N) sort). Patches never mix clouds of a batch. Layers alternate curves so that
-points cut apart by one order's patch boundary share a patch in the next.
+points cut apart by one order's patch boundary share a patch in the next. Each block first adds a
+linear encoding of the point's position relative to its patch centroid (in units of the patch's
+RMS radius): a cheap, scale-free stand-in for Point Transformer V3's sparse-conv position encoding.
 """
 
 from __future__ import annotations
@@ -63,8 +65,10 @@ class PatchLayout:
         count = w.sum(dim=1, keepdim=True).clamp_min(1.0)
         centre = (p * w).sum(dim=1, keepdim=True) / count
         rel = (p - centre) * w
-        radius = ((rel**2).sum(dim=(1, 2), keepdim=True) / count).sqrt()
-        rel = rel / torch.where(radius > 0, radius, torch.ones_like(radius))
+        mean_sq = (rel**2).sum(dim=(1, 2), keepdim=True) / count
+        # sqrt(0) has an infinite derivative: a one-token patch must not send NaN gradients back
+        radius = torch.where(mean_sq > 0, mean_sq, torch.ones_like(mean_sq)).sqrt()
+        rel = rel / radius
         return self.from_patches(rel)
 
 

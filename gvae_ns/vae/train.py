@@ -82,11 +82,15 @@ def _check_transitions(transitions: Any) -> Tuple[Tensor, Tensor, Tensor, Tensor
     if history.ndim != 3 or history.shape[2] != STATE_DIM:
         raise ValueError(f"transitions.history: expected [N, S, {STATE_DIM}], got {tuple(history.shape)}")
     if history_mask.shape != history.shape[:2]:
-        raise ValueError(f"transitions.history_mask: expected {tuple(history.shape[:2])}, got {tuple(history_mask.shape)}")
+        raise ValueError(
+            f"transitions.history_mask: expected {tuple(history.shape[:2])}, got {tuple(history_mask.shape)}"
+        )
     if children.ndim != 3 or children.shape[0] != n or children.shape[2] != STATE_DIM:
         raise ValueError(f"transitions.children: expected [{n}, C, {STATE_DIM}], got {tuple(children.shape)}")
     if children_mask.shape != children.shape[:2]:
-        raise ValueError(f"transitions.children_mask: expected {tuple(children.shape[:2])}, got {tuple(children_mask.shape)}")
+        raise ValueError(
+            f"transitions.children_mask: expected {tuple(children.shape[:2])}, got {tuple(children_mask.shape)}"
+        )
     if stage.shape != (n,):
         raise ValueError(f"transitions.stage: expected [{n}], got {tuple(stage.shape)}")
     for name, value, mask in (("history", history, history_mask), ("children", children, children_mask)):

@@ -1,0 +1,402 @@
+"""Train the generative densification head on lineage transitions and apply it stage by stage.
+
+The head (:class:`~gvae_ns.vae.densify_head.DensifyHead`) is the "generative" decoder of refinement, the
+ablation of the temporal VAE: it sees only the current Gaussians (no ancestor history) and their
+neighbours, and proposes finer Gaussians in one feed-forward pass.
+
+Training (:func:`train_densify_head`). A transition's parent is its newest history state (the Gaussian at
+stage ``s``); its targets are its descendants at ``s + 1``. One application of the head is one stage.
+
+- **Split decision.** The keep probabilities of the parent's layer-0 children are its *split probability*:
+  a binary cross-entropy pushes all of them towards "the parent had more than one child at ``s + 1``".
+  A parent counts as densified when any of its layer-0 children is kept; only then do its leaves (the
+  head's output) replace it. Parents that continued alone, and parents whose descendants all died,
+  have label 0: the head leaves them as they are (we chose the keep mask over pushing their children's
+  opacity down, so a dead parent is never replaced by a cloud of transparent Gaussians).
+- **Geometry and appearance** are supervised only where the leaves are used, on split parents. Leaves
+  are padded per parent (batched, no loop over parents) and compared with the parent's existing
+  children: Chamfer distance (eq. 5 of the VAE's losses) between positions in the parent's frame, in
+  units of its largest axis (so the loss is scene-scale free); and, for every leaf, the MSE of SH DC,
+  opacity logit and log-scale changes against its nearest target child.
+- **Batches are spatially coherent:** the head attends over neighbours, so a mini-batch is a run of
+  consecutive parents of one stage along a Hilbert curve (chunk borders shift at random every epoch,
+  the chunk order is shuffled), never random rows.
+
+Inference (:func:`densify`) applies the head ``k`` times, feeding each stage's Gaussians back in,
+under a cap on the number of generated Gaussians.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from gvae_ns.gaussians import MEANS, STATE_DIM
+from gvae_ns.vae.densify_head import DensifyHead, DensifyHeadConfig
+from gvae_ns.vae.features import REL_LOG_SCALE, REL_OFFSET, REL_OPACITY, REL_RGB, newest_index, relative_features
+from gvae_ns.vae.losses import chamfer_distance, masked_mse
+from gvae_ns.vae.serialization import CURVES, offsets_to_batch, serialize
+from gvae_ns.vae.train import _check_transitions
+
+DENSIFY_HEAD_FILE = "densify_head.pt"
+"""File name of the trained head beside a run (``<run>/densify_head.pt``)."""
+FORMAT_NAME = "gvae_ns.densify_head"
+FORMAT_VERSION = 1
+
+_LOGGED = ("step", "total", "chamfer", "appearance", "scale", "keep")
+
+
+@dataclass
+class DensifyLossWeights:
+    """Weights of the densification loss terms."""
+
+    chamfer: float = 1.0
+    """Chamfer distance between leaf and target positions (parent frame, units of its largest axis)."""
+    appearance: float = 1.0
+    """MSE of SH DC and opacity logit of every leaf against its nearest target child."""
+    scale: float = 1.0
+    """MSE of the log-scale of every leaf against its nearest target child."""
+    keep: float = 1.0
+    """Binary cross-entropy of the layer-0 keep probabilities against 'the parent split'."""
+
+
+@dataclass
+class DensifyTrainConfig:
+    """How to train the densification head."""
+
+    head: DensifyHeadConfig = field(default_factory=lambda: DensifyHeadConfig(children=2))
+    """Architecture. Two children per layer (a 3D-GS split) over two layers give up to four descendants per
+    stage, the transition set's default ``max_children``."""
+    steps: int = 1500
+    """Optimiser steps."""
+    batch_size: int = 256
+    """Parents per mini-batch: consecutive parents of one stage along the curve."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+    weight_decay: float = 0.0
+    """Adam weight decay."""
+    weights: DensifyLossWeights = field(default_factory=DensifyLossWeights)
+    """Loss weights."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip (0 disables)."""
+    curve: str = "hilbert"
+    """Space-filling curve that orders the parents into mini-batches (one of serialization.CURVES)."""
+    max_children: int = 4
+    """Child slots per parent when the transitions are built from a lineage (:func:`densify_head_for_run`)."""
+    log_every: int = 10
+    """Record the losses every this many steps (and at the last step)."""
+    seed: int = 0
+    """Seed of the initial weights and the batch order (``train_densify_head(seed=...)`` overrides it)."""
+
+
+# ------------------------------------------------------------------------------------------------- loss
+def _pad_leaves(states: Tensor, source: Tensor, num_parents: int) -> Tuple[Tensor, Tensor]:
+    """Leaves ``[M, 59]`` grouped by ``source`` into ``[B, L, 59]`` slots plus their mask ``[B, L]``."""
+    counts = torch.bincount(source, minlength=num_parents)
+    width = max(int(counts.max()) if counts.numel() else 0, 1)
+    order = torch.argsort(source, stable=True)
+    parent = source[order]
+    rank = torch.arange(order.numel(), device=source.device) - (counts.cumsum(0) - counts)[parent]
+    padded = states.new_zeros(num_parents, width, STATE_DIM).index_put((parent, rank), states[order])
+    mask = torch.zeros(num_parents, width, dtype=torch.bool, device=source.device)
+    mask[parent, rank] = True
+    return padded, mask
+
+
+def densify_loss(
+    head: DensifyHead, parent: Tensor, children: Tensor, children_mask: Tensor, weights: DensifyLossWeights
+) -> Dict[str, Tensor]:
+    """Loss terms (``chamfer``, ``appearance``, ``scale``, ``keep``) and their weighted ``total`` for one
+    mini-batch of parents ``[B, 59]`` with target children ``[B, C, 59]`` / ``children_mask [B, C]``."""
+    out = head(parent)
+    b = parent.shape[0]
+    leaves, leaf_mask = _pad_leaves(out.states, out.source, b)
+    split = children_mask.sum(dim=1) > 1
+    anchor = parent[:, None, :]
+    pred = relative_features(leaves, anchor)
+    target = relative_features(children, anchor)
+    pred_mask = leaf_mask & split[:, None]
+    target_mask = children_mask & split[:, None]
+
+    chamfer = chamfer_distance(pred[..., REL_OFFSET], target[..., REL_OFFSET], target_mask, pred_mask)
+    d = (pred[:, :, None, REL_OFFSET] - target[:, None, :, REL_OFFSET]).pow(2).sum(-1)
+    d = torch.where(target_mask[:, None, :], d, torch.full_like(d, torch.finfo(d.dtype).max))
+    nearest = torch.gather(target, 1, d.argmin(dim=2)[..., None].expand(-1, -1, target.shape[-1]))
+    appearance = masked_mse(pred[..., REL_RGB], nearest[..., REL_RGB], pred_mask) + masked_mse(
+        pred[..., REL_OPACITY], nearest[..., REL_OPACITY], pred_mask
+    )
+    scale = masked_mse(pred[..., REL_LOG_SCALE], nearest[..., REL_LOG_SCALE], pred_mask)
+    if out.keep_prob:
+        prob = out.keep_prob[0].view(b, -1).clamp(1e-6, 1.0 - 1e-6)
+        keep = F.binary_cross_entropy(prob, split[:, None].expand_as(prob).to(prob.dtype))
+    else:
+        keep = parent.new_zeros(())
+    total = weights.chamfer * chamfer + weights.appearance * appearance + weights.scale * scale + weights.keep * keep
+    return {"total": total, "chamfer": chamfer, "appearance": appearance, "scale": scale, "keep": keep}
+
+
+# ---------------------------------------------------------------------------------------------- batches
+def spatial_batches(
+    means: Tensor, stage: Tensor, batch_size: int, generator: torch.Generator, curve: str = "hilbert", bits: int = 10
+) -> List[Tensor]:
+    """Mini-batches of row indices: runs of at most ``batch_size`` consecutive parents of one stage along
+    ``curve``, with a random shift of the chunk borders per stage, in shuffled order."""
+    if batch_size < 1:
+        raise ValueError(f"DensifyTrainConfig.batch_size must be >= 1, got {batch_size}")
+    n = means.shape[0]
+    _, stage_index = torch.unique(stage.cpu(), return_inverse=True)
+    by_stage = torch.argsort(stage_index, stable=True)
+    counts = torch.bincount(stage_index)
+    offsets = counts.cumsum(0)
+    ser = serialize(means.detach().cpu()[by_stage], curve, bits, offsets)
+    rows = by_stage[ser.order]
+    cloud = offsets_to_batch(offsets, n)
+    position = torch.arange(n) - (offsets - counts)[cloud]
+    shift = torch.randint(0, batch_size, (counts.numel(),), generator=generator)
+    shift = torch.where(counts > batch_size, shift, torch.zeros_like(shift))
+    chunk = (position + shift[cloud]) // batch_size
+    key = cloud * (n + batch_size) + chunk
+    _, sizes = torch.unique_consecutive(key, return_counts=True)
+    batches = list(torch.split(rows, sizes.tolist()))
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def _parents(transitions: Any) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(parent [N, 59], children [N, C, 59], children_mask [N, C], stage [N])`` of a transition set."""
+    history, history_mask, children, children_mask, stage = _check_transitions(transitions)
+    present = history_mask & (torch.arange(history_mask.shape[1])[None, :] <= stage[:, None])
+    parent = history[torch.arange(history.shape[0]), newest_index(present)]
+    return parent, children, children_mask, stage
+
+
+# ------------------------------------------------------------------------------------------------ train
+def train_densify_head(
+    transitions: Any,
+    config: Optional[DensifyTrainConfig] = None,
+    device: Union[str, torch.device] = "cpu",
+    seed: Optional[int] = None,
+) -> Tuple[DensifyHead, Dict[str, Any]]:
+    """Fit a :class:`DensifyHead` to ``transitions``; returns ``(head in eval mode, log)``.
+
+    ``transitions``: a :class:`~gvae_ns.lineage.dataset.TransitionSet` or any object with its ``history``,
+    ``history_mask``, ``children``, ``children_mask`` and ``stage`` tensors. ``log`` holds per-logged-step
+    lists (``step``, ``total``, ``chamfer``, ``appearance``, ``scale``, ``keep``) and run facts
+    (``seconds``, ``parents``, ``split_parents``, ``dead_parents``, ``batches_per_epoch``, ``skipped_steps``,
+    ``parameters``). A step whose gradients are not finite is skipped (counted in ``skipped_steps``), as a
+    mixed-precision scaler does. Deterministic for a seed on a given device; the caller's global RNG state
+    is left untouched."""
+    config = config or DensifyTrainConfig()
+    seed = config.seed if seed is None else seed
+    if config.head.feature_dim:
+        raise ValueError(
+            f"DensifyTrainConfig.head.feature_dim is {config.head.feature_dim}, but transitions carry no "
+            "per-Gaussian features; set it to 0"
+        )
+    if config.curve not in CURVES:
+        raise ValueError(f"DensifyTrainConfig.curve must be one of {CURVES}, got {config.curve!r}")
+    if config.steps < 1:
+        raise ValueError(f"DensifyTrainConfig.steps must be >= 1, got {config.steps}")
+    device = torch.device(device)
+    parent, children, children_mask, stage = _parents(transitions)
+    count = children_mask.sum(dim=1)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = DensifyHead(config.head)
+    head = head.to(device).train()
+    parent, children, children_mask = parent.to(device), children.to(device), children_mask.to(device)
+    optimizer = torch.optim.Adam(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    log: Dict[str, Any] = {k: [] for k in _LOGGED}
+    batches: List[Tensor] = []
+    cursor = epoch_batches = skipped = 0
+    start = time.perf_counter()
+    for step in range(config.steps):
+        if cursor == len(batches):
+            batches = spatial_batches(parent[:, MEANS], stage, config.batch_size, generator, config.curve,
+                                      config.head.bits)
+            cursor, epoch_batches = 0, len(batches)
+        idx = batches[cursor].to(device)
+        cursor += 1
+        terms = densify_loss(head, parent[idx], children[idx], children_mask[idx], config.weights)
+        if not torch.isfinite(terms["total"]):
+            raise FloatingPointError(
+                f"train_densify_head: loss became non-finite at step {step}; lower DensifyTrainConfig.lr"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        norm = torch.nn.utils.clip_grad_norm_(head.parameters(), config.grad_clip if config.grad_clip > 0 else math.inf)
+        if torch.isfinite(norm):
+            optimizer.step()
+        else:
+            skipped += 1
+        if step % config.log_every == 0 or step == config.steps - 1:
+            log["step"].append(step)
+            for key in _LOGGED[1:]:
+                log[key].append(float(terms[key].detach()))
+    log.update(
+        seconds=time.perf_counter() - start,
+        parents=int(parent.shape[0]),
+        split_parents=int((count > 1).sum()),
+        dead_parents=int((count == 0).sum()),
+        batches_per_epoch=epoch_batches,
+        skipped_steps=skipped,
+        parameters=sum(p.numel() for p in head.parameters()),
+    )
+    if skipped == config.steps:
+        raise FloatingPointError("train_densify_head: every step had non-finite gradients; nothing was learnt")
+    return head.eval(), log
+
+
+# ------------------------------------------------------------------------------------------------- file
+def save_densify_head(head: DensifyHead, path: Union[str, os.PathLike]) -> Path:
+    """Write ``head`` (config + weights) to ``path`` atomically; returns the path.
+
+    The file holds only tensors and plain python types (readable with ``torch.load(weights_only=True)``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = dataclasses.asdict(head.cfg)
+    config["orders"] = list(config["orders"])
+    payload = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "config": config,
+        "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()},
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_densify_head(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> DensifyHead:
+    """Read a head written by :func:`save_densify_head` (eval mode); a missing, corrupt or mismatched file
+    raises ``FileNotFoundError`` / ``ValueError`` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such densification head file; train one with train_densify_head")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable densification head file ({type(exc).__name__}: {exc}); "
+                         "delete it and train the head again") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path}: not a densification head file (missing format tag {FORMAT_NAME!r})")
+    if payload.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: densification head file version {payload.get('version')!r}, this code reads "
+                         f"version {FORMAT_VERSION}; train the head again")
+    config, state = payload.get("config"), payload.get("state_dict")
+    known = {f.name for f in dataclasses.fields(DensifyHeadConfig)}
+    if not isinstance(config, dict) or set(config) - known:
+        raise ValueError(f"{path}: invalid DensifyHeadConfig {config!r}")
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path}: densification head file has no valid state_dict")
+    try:
+        head = DensifyHead(DensifyHeadConfig(**{**config, "orders": tuple(config.get("orders", ()))}))
+        head.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: densification head weights do not match its config ({exc})") from None
+    return head.to(map_location).eval()
+
+
+def densify_head_for_run(
+    run_dir: Union[str, os.PathLike],
+    lineage: Any,
+    config: Optional[DensifyTrainConfig] = None,
+    retrain: bool = False,
+    device: Union[str, torch.device] = "cpu",
+    seed: Optional[int] = None,
+    log: Callable[[str], None] = print,
+) -> DensifyHead:
+    """The head in ``<run_dir>/densify_head.pt``, or one trained on ``lineage``'s stage transitions (and
+    saved there) when the file is missing or ``retrain`` is set."""
+    from gvae_ns.lineage.dataset import build_transitions
+
+    path = Path(run_dir) / DENSIFY_HEAD_FILE
+    if path.exists() and not retrain:
+        log(f"gvae-refine: using the densification head in {path}")
+        return load_densify_head(path, map_location=device)
+    config = config or DensifyTrainConfig()
+    transitions = build_transitions(lineage, max_children=config.max_children)
+    head, history = train_densify_head(transitions, config, device=device, seed=seed)
+    save_densify_head(head, path)
+    log(f"gvae-refine: trained the densification head on {history['parents']} transitions "
+        f"({history['split_parents']} split) in {history['seconds']:.1f} s -> {path}")
+    return head
+
+
+# ------------------------------------------------------------------------------------------------ apply
+@torch.no_grad()
+def densify(
+    head: DensifyHead, states: Tensor, steps: int = 1, max_new: Optional[int] = None
+) -> Tuple[Tensor, Tensor]:
+    """Apply ``head`` ``steps`` times to ``states [N, 59]``, each application one more stage.
+
+    Every application runs on all current Gaussians (the inputs and what earlier steps generated). A
+    Gaussian is densified when any of its layer-0 children is kept (always, for a one-layer head); it is
+    then replaced by its leaves, otherwise it stays as it is. ``max_new`` caps the generated Gaussians
+    alive at any time (default ``N``); when densifying every candidate would exceed it, the candidates with
+    the highest split probability (then the lower row) win, as whole families.
+
+    Returns ``(generated [M, 59], source [M])``: the generated Gaussians alive after the last step, grouped
+    by ``source``, the input row each descends from. Input rows absent from ``source`` were not densified.
+    Deterministic for given inputs on a given device."""
+    if steps < 1:
+        raise ValueError(f"densify: steps must be >= 1, got {steps}")
+    if states.dim() != 2 or states.shape[1] != STATE_DIM:
+        raise ValueError(f"densify: states must be [N, {STATE_DIM}], got {tuple(states.shape)}")
+    n = states.shape[0]
+    budget = n if max_new is None else int(max_new)
+    if budget < 0:
+        raise ValueError(f"densify: max_new must be >= 0, got {max_new}")
+    device = next(head.parameters()).device
+    current = states.to(device=device, dtype=torch.float32)
+    source = torch.arange(n, device=device)
+    generated = torch.zeros(n, dtype=torch.bool, device=device)
+    was_training = head.training
+    head.eval()
+    try:
+        for _ in range(steps):
+            m = current.shape[0]
+            if m == 0:
+                break
+            out = head(current)
+            leaves = torch.bincount(out.source, minlength=m)
+            if out.keep_mask:
+                wanted = out.keep_mask[0].view(m, -1).any(dim=1)
+                priority = out.keep_prob[0].view(m, -1).amax(dim=1)
+            else:
+                wanted = torch.ones(m, dtype=torch.bool, device=device)
+                priority = torch.ones(m, device=device)
+            room = budget - int(generated.sum())
+            candidates = wanted.nonzero().flatten()
+            candidates = candidates[torch.sort(priority[candidates], descending=True, stable=True).indices]
+            cost = (leaves - generated.long())[candidates]
+            chosen = torch.zeros(m, dtype=torch.bool, device=device)
+            chosen[candidates[cost.cumsum(0) <= room]] = True
+            if not bool(chosen.any()):
+                break
+            new = chosen[out.source]
+            current = torch.cat([current[~chosen], out.states[new]])
+            source = torch.cat([source[~chosen], source[out.source[new]]])
+            generated = torch.cat([generated[~chosen], torch.ones(int(new.sum()), dtype=torch.bool, device=device)])
+        order = torch.argsort(source[generated], stable=True)
+        return current[generated][order], source[generated][order]
+    finally:
+        head.train(was_training)

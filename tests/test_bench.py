@@ -1,0 +1,239 @@
+"""The benchmark harness (gvae_ns.bench): suite files, table, crop figure, evaluation, resuming.
+
+One tiny benchmark is trained once for the module (built-in scene at 32 px, x2 copy at 16 px, 60 steps;
+the splatfacto (CPU renderer) baseline and the oracle, two ns-train processes at once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gvae_ns import bench
+from gvae_ns.bench import BenchConfig, BenchError, SceneConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tiny_config(output: Path) -> BenchConfig:
+    return BenchConfig(
+        name="tiny",
+        scene=SceneConfig(resolution=32, n_train=6, n_val=1, n_test=2, n_points=3000, supersample=2),
+        output=output,
+        factors=(2,),
+        steps=60,
+        baselines=("classic",),
+        ours=False,
+        oracle=True,
+        train_args="--pipeline.model.num-random 1000 --pipeline.model.random-scale 2.0 "
+        "--pipeline.model.warmup-length 20 --pipeline.model.refine-every 20",
+        jobs=2,
+        crop_px=8,
+        tile_px=64,
+        brisque=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    cfg = _tiny_config(tmp_path_factory.mktemp("bench") / "out")
+    results = bench.run_bench(cfg, log=lambda *_: None)
+    return cfg, results
+
+
+def _fake_results() -> dict:
+    def row(name, label, kind, factor, psnr, lpips=None, status="ok", **extra):
+        metrics = {"psnr": psnr, "ssim": psnr / 40, "lpips": lpips, "brisque": None, "chamfer_opaque": 0.01,
+                   "chamfer_all": None, "num_gaussians": 1000, "ms_per_view": 12.5, "views": 2,
+                   "height": 64, "width": 64}
+        entry = {"name": name, "label": label, "kind": kind, "factor": factor, "status": status,
+                 "metrics": metrics if status == "ok" else {}, "train_s": 10.0, "refine_s": None}
+        entry.update(extra)
+        return entry
+
+    return {
+        "suite": {"name": "fake suite", "steps": 300, "jobs": 2, "chamfer_opacity": 0.5, "background": "white"},
+        "environment": {"device": "CPU (2 cores)", "baselines": "stand-ins"},
+        "dataset": {"path": "/data/x", "test_views": 2, "width": 64, "height": 64, "factors": ["x2"]},
+        "rows": [
+            row("base", "splatfacto classic", "baseline", 2, 20.0, lpips=0.30),
+            row("ours", "Ours +2", "ours", 2, 22.5, lpips=0.20, refine_s=33.3, refine_includes_vae=True),
+            row("broken", "Ours-nabla2 +2", "ours", 2, 0.0, status="failed", error="refinement failed: boom\nmore"),
+            row("oracle", "oracle", "oracle", 1, 30.0, lpips=0.05),
+        ],
+    }
+
+
+def test_format_table_from_fake_results():
+    text = bench.format_table(_fake_results())
+    lines = text.splitlines()
+    assert lines[0] == "# fake suite"
+    header = next(line for line in lines if line.startswith("| scale"))
+    assert header.count("|") == len(bench._COLUMNS) + 3
+    table = [line for line in lines if line.startswith("| ") and not line.startswith("| scale")]
+    assert [line.split(" | ")[1] for line in table] == ["splatfacto classic", "Ours +2", "oracle"]
+    ours = next(line for line in table if "Ours +2" in line)
+    assert "**22.50**" in ours and "**0.2000**" in ours, "best of the scale is bold"
+    assert "33.3*" in ours, "refinement that trained the VAE is starred"
+    oracle = next(line for line in table if line.startswith("| full"))
+    assert "**" not in oracle, "the oracle is not a contender"
+    assert "30.00" in oracle
+    base = next(line for line in table if "classic" in line)
+    assert base.count("n/a") == 3  # BRISQUE, CD all, refine s
+    assert "- x2 Ours-nabla2 +2 (failed): refinement failed: boom" in text
+    assert "more" not in text.split("Rows without a result:")[1]
+
+
+def test_suite_files_and_command_line(tmp_path):
+    cfg = bench.load_suite(ROOT / "configs" / "bench-cpu.yaml")
+    assert cfg.factors == (2,) and cfg.scene.resolution == 64 and cfg.steps >= 100
+    assert "--pipeline.model.num-random" in cfg.train_args.split()
+    gpu = bench.load_suite(ROOT / "configs" / "bench-lego-gpu.yaml")
+    assert gpu.factors == (2, 4) and gpu.baseline_impl == "splatfacto" and gpu.data is not None
+    bench.check_config(cfg)
+    bench.check_config(gpu)
+    over = bench.parse_args(["--config", str(ROOT / "configs" / "bench-cpu.yaml"), "--steps", "40",
+                             "--scene.resolution", "48", "--refine-args=--vae-steps 20"])
+    assert (over.steps, over.scene.resolution, over.refine_args) == (40, 48, "--vae-steps 20")
+    assert over.train_args == cfg.train_args, "flags not given keep the suite's values"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: 10\nstepz: 3\n")
+    with pytest.raises(BenchError, match=r"bad.yaml.*stepz"):
+        bench.load_suite(bad)
+    bad.write_text("scene: {resolution: big}\n")
+    with pytest.raises(BenchError, match="resolution must be an integer"):
+        bench.load_suite(bad)
+    assert bench.stage_steps(300, (0.25, 0.25, 0.5)) == (75, 75, 150)
+    assert sum(bench.stage_steps(7, (1, 1, 1))) == 7 and min(bench.stage_steps(3, (0.1, 0.1, 5))) == 1
+    with pytest.raises(BenchError, match="must end at 1"):
+        bench.check_config(BenchConfig(ours_downscales=(4, 2), ours_stage_fractions=(0.5, 0.5)))
+
+
+def test_bad_dataset_paths_are_reported(tmp_path, capsys):
+    missing = tmp_path / "no-such-dataset"
+    assert bench.main(["--data", str(missing), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "does not exist" in err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "transforms_train.json").write_text("{}")
+    assert bench.main(["--data", str(broken), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "transforms_train.json" in err and "camera_angle_x" in err
+
+
+def test_crop_figure_size_and_content(tmp_path):
+    rng = np.random.default_rng(0)
+    ref = np.full((40, 48, 3), 200, np.uint8)
+    ref[20:30, 4:14] = rng.integers(0, 255, (10, 10, 3))  # the only detail
+    assert bench.pick_crop(ref, 10) == (20, 4)
+    Image.fromarray(ref).save(tmp_path / "gt.png")
+    other = np.zeros_like(ref)
+    Image.fromarray(other).save(tmp_path / "black.png")
+    grid = [[("a", tmp_path / "black.png"), ("missing", None), ("gt", tmp_path / "gt.png")],
+            [("wrong size", tmp_path / "small.png"), ("gt", tmp_path / "gt.png")]]
+    Image.fromarray(ref[:20]).save(tmp_path / "small.png")
+    out = bench.crop_figure(grid, tmp_path / "gt.png", tmp_path / "fig.png", crop_px=10, tile_px=45)
+    fig = np.asarray(Image.open(out).convert("RGB"))
+    tile = 10 * 4  # zoom = 45 // 10
+    assert (fig.shape[1], fig.shape[0]) == bench.figure_size(2, 3, tile)
+    top = bench.TILE_PAD + bench.TILE_CAPTION
+    left = lambda c: bench.TILE_PAD + c * (tile + bench.TILE_PAD)  # noqa: E731
+    expected_gt = np.asarray(Image.fromarray(ref[20:30, 4:14]).resize((tile, tile), Image.NEAREST))
+    np.testing.assert_array_equal(fig[top : top + tile, left(2) : left(2) + tile], expected_gt)
+    assert (fig[top : top + tile, left(0) : left(0) + tile] == 0).all()
+    assert (fig[top : top + tile, left(1) : left(1) + tile] == bench.BLIND_SPOT).all()
+    second = top + tile + bench.TILE_PAD + bench.TILE_CAPTION
+    assert (fig[second : second + tile, left(0) : left(0) + tile] == bench.BLIND_SPOT).all()
+
+
+def test_tiny_benchmark_end_to_end(tiny):
+    cfg, results = tiny
+    out = cfg.output.resolve()
+    assert results["complete"], [r.get("error") for r in results["rows"]]
+    assert [r["name"] for r in results["rows"]] == ["splatfacto-classic-x2", "oracle"]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(results["rows"]))
+    for row in results["rows"]:
+        m = row["metrics"]
+        assert (m["height"], m["width"], m["views"]) == (32, 32, 2), "scored at the full resolution"
+        assert 8.0 < m["psnr"] < 60.0 and 0.0 < m["ssim"] <= 1.0
+        assert m["chamfer_all"] > 0 and m["num_gaussians"] > 0 and m["ms_per_view"] > 0
+        assert row["train_s"] > 0
+    assert Image.open(out / "data" / "x2" / "train" / "r_0.png").size == (16, 16)
+    assert "| x2 | splatfacto classic (CPU renderer) |" in (out / "results.md").read_text()
+    fig = Image.open(out / "crops.png")
+    assert fig.size == bench.figure_size(1, 4, 8 * (64 // 8))
+
+
+def test_evaluation_of_a_trained_run(tiny):
+    cfg, results = tiny
+    row = results["rows"][0]
+    points = np.load(cfg.output.resolve() / "data" / "scene" / "points_gt.npy")
+    pipeline = bench.load_pipeline(row["config"])
+    model = pipeline.model
+    first = bench.evaluate_pipeline(pipeline, points_gt=points, lpips=False, brisque=False)
+    assert first["psnr"] == pytest.approx(row["metrics"]["psnr"], abs=1e-4), "same render, same score"
+    n = model.gauss_params["means"].shape[0]
+    assert first["num_gaussians"] == n
+    ssim = [float(v) for v in first["per_view"]["ssim"]]
+    assert len(ssim) == 2 and first["ssim"] == pytest.approx(np.mean(ssim))
+
+    # A hand-made refinement: the originals plus transparent Gaussians far from the scene.
+    params = {k: v.detach().clone() for k, v in model.gauss_params.items()}
+    extra = 50
+    far = {k: v[:extra].clone() for k, v in params.items()}
+    far["means"] = far["means"] + torch.tensor([10.0, 0.0, 0.0])
+    far["opacities"] = torch.full_like(far["opacities"], -20.0)
+    refined = {k: torch.cat([params[k], far[k]]) for k in params}
+    is_new = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(extra, dtype=torch.bool)])
+    model.set_refinement(refined, is_new, note="test")
+    second = bench.evaluate_pipeline(pipeline, points_gt=points, lpips=False, brisque=False)
+    assert second["num_gaussians"] == n + extra
+    assert second["psnr"] == pytest.approx(first["psnr"], abs=1e-3), "transparent Gaussians change no pixel"
+    assert second["chamfer_opaque"] == pytest.approx(first["chamfer_opaque"], rel=1e-6)
+    assert second["chamfer_all"] > first["chamfer_all"] + 1.0, "far centres count in the all-Gaussian Chamfer"
+    assert bench.attach_refinement(model, None) == {}
+    assert bench.evaluate_pipeline(pipeline, max_views=1, lpips=False, brisque=False)["num_gaussians"] == n
+
+
+def test_second_run_resumes_without_training(tiny, monkeypatch):
+    cfg, results = tiny
+    out = cfg.output.resolve()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(subprocess, "Popen", no_training)
+    evaluated = []
+    real_evaluate = bench.evaluate_pipeline
+    monkeypatch.setattr(bench, "evaluate_pipeline", lambda *a, **k: evaluated.append(1) or real_evaluate(*a, **k))
+    again = bench.run_bench(cfg, log=lambda *_: None)
+    assert evaluated == [] and again["rows"] == results["rows"]
+
+    (out / "rows" / "oracle.json").unlink()
+    again = bench.run_bench(cfg, log=lambda *_: None)
+    assert len(evaluated) == 1, "only the row without a result is evaluated"
+    assert again["rows"][1]["metrics"]["psnr"] == pytest.approx(results["rows"][1]["metrics"]["psnr"], abs=1e-4)
+
+    changed = dataclasses.replace(cfg, steps=cfg.steps + 1)
+    runs, _ = bench.plan(changed, out / "data" / "scene", {2: out / "data" / "x2"})
+    assert all(bench.trained(changed, spec) is None for spec in runs), "changed settings retrain"
+
+
+def test_time_budget_leaves_work_for_the_next_call(tmp_path, monkeypatch):
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("nothing fits a zero budget"))
+    cfg = _tiny_config(tmp_path / "out")
+    cfg.scene = SceneConfig(resolution=16, n_train=2, n_val=1, n_test=1, n_points=10, supersample=1)
+    cfg.time_budget_s = 0.0
+    results = bench.run_bench(cfg, log=lambda *_: None)
+    assert not results["complete"]
+    assert {r["status"] for r in results["rows"]} == {"pending"}
+    assert "not trained yet" in (tmp_path / "out" / "results.md").read_text()
