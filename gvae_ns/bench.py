@@ -477,14 +477,10 @@ class Budget:
     def __init__(self, total_s: Optional[float]):
         self.start = time.monotonic()
         self.total_s = total_s
-        self.exhausted = False
 
     def allows(self, estimate_s: float) -> bool:
-        """True when there is no budget or the work fits; otherwise remembers that work was left."""
-        if self.total_s is None or time.monotonic() - self.start + estimate_s <= self.total_s:
-            return True
-        self.exhausted = True
-        return False
+        """True when there is no budget or the work fits in what is left of it."""
+        return self.total_s is None or time.monotonic() - self.start + estimate_s <= self.total_s
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -508,7 +504,7 @@ def _finish_training(cfg: BenchConfig, spec: RunSpec, rc: int, wall_s: float, lo
         # config.yml is written just before the trainer sets up; the last checkpoint right after the last step.
         train_s = ckpt.stat().st_mtime - (directory / "config.yml").stat().st_mtime
         record.update(status="ok", config=str(directory / "config.yml"), checkpoint=str(ckpt),
-                      train_s=round(train_s, 2), steps=cfg.steps)
+                      train_s=round(train_s, 2), steps=cfg.steps, finished_at=time.time())
     write_json(cfg.output.resolve() / "runs" / spec.name / "train.json", record)
     return record
 
@@ -570,7 +566,8 @@ def refinement_path(output: Path, row: RowSpec) -> Path:
 
 
 def _refine_fingerprint(cfg: BenchConfig, row: RowSpec, run_record: dict) -> str:
-    return _fingerprint({"run": run_record.get("fingerprint"), "steps": row.refine_steps,
+    return _fingerprint({"run": [run_record.get("fingerprint"), run_record.get("finished_at")],
+                         "steps": row.refine_steps,
                          "select": row.refine_select, "fraction": cfg.refine_fraction,
                          "args": shlex.split(cfg.refine_args)})
 
@@ -587,7 +584,7 @@ def refined(cfg: BenchConfig, row: RowSpec, run_record: dict) -> Optional[dict]:
 def refine_row(cfg: BenchConfig, row: RowSpec, run_record: dict) -> dict:
     """Refine the run of ``row`` (in this process, timed) and return the refinement record."""
     try:
-        from gvae_ns.refine import RefineConfig, refine_run
+        from gvae_ns.refine import VAE_FILE, RefineConfig, refine_run
     except ImportError as err:
         raise BenchError(f"gvae_ns.refine has no refine_run / RefineConfig yet ({err}); refinement rows need it.")
     out = refinement_path(cfg.output, row)
@@ -603,7 +600,11 @@ def refine_row(cfg: BenchConfig, row: RowSpec, run_record: dict) -> dict:
         except SystemExit:
             raise BenchError(f"refine_args {cfg.refine_args!r} are not valid gvae-refine flags (see gvae-refine "
                              "--help).") from None
-    vae_before = (config_path.parent / "vae.pt").is_file()
+    vae_file, vae_marker = config_path.parent / VAE_FILE, config_path.parent / ".bench-vae.json"
+    vae_spec = {"refine_args": shlex.split(cfg.refine_args)}
+    if vae_file.is_file() and _read_json(vae_marker) != vae_spec:
+        vae_file.unlink()  # made with other VAE settings (refine_args): train it again
+    vae_before = vae_file.is_file()
     _sync()
     start = time.perf_counter()
     refine_run(refine_cfg, pipeline=None)
@@ -611,8 +612,9 @@ def refine_row(cfg: BenchConfig, row: RowSpec, run_record: dict) -> dict:
     refine_s = time.perf_counter() - start
     if not out.is_file():
         raise BenchError(f"refine_run finished but wrote no refinement file at {out}.")
+    write_json(vae_marker, vae_spec)
     record = {"fingerprint": _refine_fingerprint(cfg, row, run_record), "refine_s": round(refine_s, 2),
-              "includes_vae_training": not vae_before, "file": str(out)}
+              "includes_vae_training": not vae_before, "file": str(out), "made_at": time.time()}
     write_json(out.with_suffix(".json"), record)
     return record
 
@@ -1039,9 +1041,13 @@ def write_reports(cfg: BenchConfig, results: Dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- the loop
-def _row_fingerprint(cfg: BenchConfig, row: RowSpec, run_record: dict) -> str:
-    return _fingerprint({"run": run_record.get("fingerprint"), "refine": [row.refine_steps, row.refine_select],
-                         "refine_fp": _refine_fingerprint(cfg, row, run_record) if row.refine_steps else None,
+def _row_fingerprint(cfg: BenchConfig, row: RowSpec, run_record: dict, refine_record: Optional[dict]) -> str:
+    """What a row's result depends on: the run (and when it finished), the refinement (and when it was made)
+    and the evaluation settings; a run or refinement made again invalidates the row."""
+    return _fingerprint({"run": [run_record.get("fingerprint"), run_record.get("finished_at")],
+                         "refine": [row.refine_steps, row.refine_select],
+                         "refine_fp": [refine_record.get("fingerprint"), refine_record.get("made_at")]
+                         if refine_record else None,
                          "eval": [cfg.max_test_views, cfg.chamfer_opacity, cfg.figure_view, cfg.lpips, cfg.brisque]})
 
 
@@ -1102,7 +1108,8 @@ def run_bench(cfg: BenchConfig, log=print) -> Dict[str, Any]:
             entries[row.name] = _row_entry(row, "pending", error="not refined yet (time budget)")
             continue
         saved = _read_json(_slug_path(out, row.name))
-        if saved and saved.get("status") == "ok" and saved.get("fingerprint") == _row_fingerprint(cfg, row, run_record):
+        row_fp = _row_fingerprint(cfg, row, run_record, refine_records.get(row.name))
+        if saved and saved.get("status") == "ok" and saved.get("fingerprint") == row_fp:
             log(f"[skip] {row.name}: evaluated already")
             entries[row.name] = saved
             continue
@@ -1137,7 +1144,7 @@ def run_bench(cfg: BenchConfig, log=print) -> Dict[str, Any]:
                 log(f"[eval] {row.name}: FAILED ({err})")
                 continue
             entry = _row_entry(
-                row, "ok", metrics=metrics, fingerprint=_row_fingerprint(cfg, row, run_record),
+                row, "ok", metrics=metrics, fingerprint=_row_fingerprint(cfg, row, run_record, refine_record),
                 train_s=run_record["train_s"], train_wall_s=run_record["wall_s"],
                 refine_s=refine_record["refine_s"] if refine_record else None,
                 refine_includes_vae=bool(refine_record and refine_record.get("includes_vae_training")),

@@ -26,12 +26,12 @@ import torch
 from gsplat.strategy import DefaultStrategy
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
-from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig, get_viewmat
+from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from gvae_ns.offline import make_lpips
 from gvae_ns.ply import use_fast_ply_writer
-from gvae_ns.render import rasterize
+from gvae_ns.render import rasterize, world_to_camera
 from gvae_ns.stages import StageSchedule
 
 PARAM_KEYS = ("means", "scales", "quats", "features_dc", "features_rest", "opacities")
@@ -149,6 +149,7 @@ class GaussianVAEModel(SplatfactoModel):
             return
         self.refinement_scores = refined.scores
         self.refinement_decoder = refined.decoder
+        self.refinement_steps, self.refinement_select = refined.steps, refined.select
         self.set_refinement(refined.params, refined.is_new, note=refined.describe())
 
     def update_refinement(self, steps: int, select: str) -> str:
@@ -164,6 +165,7 @@ class GaussianVAEModel(SplatfactoModel):
 
             self.refiner = load_refiner(self, self.refinement_scores, self.refinement_decoder)
         refined = self.refiner.refine(steps, select)
+        self.refinement_steps, self.refinement_select = refined.steps, refined.select
         self.set_refinement(refined.params, refined.is_new, note=refined.describe())
         return self.refinement_note
 
@@ -277,7 +279,7 @@ class GaussianVAEModel(SplatfactoModel):
 
         d = self._get_downscale_factor()
         camera.rescale_output_resolution(1 / d)
-        viewmat = get_viewmat(cam_to_world).to(self.device)
+        viewmat = world_to_camera(cam_to_world).to(self.device)
         K = camera.get_intrinsics_matrices().to(self.device)
         W, H = int(camera.width.item()), int(camera.height.item())
         self.last_size = (H, W)

@@ -36,9 +36,12 @@ def write_ply(filename: Union[str, Path], count: int, map_to_tensors: Mapping[st
             columns[key] = array.reshape(count)
         else:
             raise ValueError(f"{filename}: property '{key}' is {array.dtype}; only float and uint8 are written")
-    records = np.empty(count, dtype=[(k, v.dtype) for k, v in columns.items()])
-    for key, array in columns.items():
-        records[key] = array
+    if all(a.dtype.kind == "f" for a in columns.values()):
+        records = np.stack(list(columns.values()), axis=1)  # one contiguous float32 block, row-major
+    else:
+        records = np.empty(count, dtype=[(k, v.dtype) for k, v in columns.items()])
+        for key, array in columns.items():
+            records[key] = array
     header = [
         "ply",
         "format binary_little_endian 1.0",

@@ -214,9 +214,9 @@ def score_gaussians(model, datamanager, views: int = 0) -> Dict[str, torch.Tenso
     visible, as the densification strategy measures it. ``hessian``: diagonal Gauss-Newton estimate of the
     photometric loss w.r.t. the 3D position, ``sum_v (dL_v/dmean)^2``.
     """
-    from nerfstudio.models.splatfacto import get_viewmat, resize_image
+    from nerfstudio.models.splatfacto import resize_image
 
-    from gvae_ns.render import rasterize
+    from gvae_ns.render import rasterize, world_to_camera
 
     params = {k: model.gauss_params[k].detach() for k in PARAM_KEYS}
     n = params["means"].shape[0]
@@ -241,7 +241,7 @@ def score_gaussians(model, datamanager, views: int = 0) -> Dict[str, torch.Tenso
         render, alpha, info = rasterize(
             means=means, quats=params["quats"], scales=torch.exp(params["scales"]),
             opacities=torch.sigmoid(params["opacities"]).squeeze(-1), colors=colors,
-            viewmats=get_viewmat(camera.camera_to_worlds).to(device), Ks=camera.get_intrinsics_matrices().to(device),
+            viewmats=world_to_camera(camera.camera_to_worlds).to(device), Ks=camera.get_intrinsics_matrices().to(device),
             width=W, height=H, packed=False, sh_degree=sh_degree, rasterize_mode=model.config.rasterize_mode,
         )
         info["means2d"].retain_grad()
@@ -384,7 +384,7 @@ def load_refiner(model, scores: Optional[Dict[str, torch.Tensor]], decoder: str 
         net = loader(Path(run_dir) / name, map_location=model.device)
     except (OSError, ValueError) as err:
         raise RefinementUnavailable(str(err)) from None
-    return Refiner(model, net, scores, decoder=decoder)
+    return Refiner(model, net, scores, fraction=model.config.refine_fraction, decoder=decoder)
 
 
 def refine_run(config: RefineConfig, pipeline=None) -> Refinement:
@@ -421,6 +421,8 @@ def refine_run(config: RefineConfig, pipeline=None) -> Refinement:
     output = Path(config.output) if config.output is not None else _run_dir(config) / REFINEMENT_FILE
     save_refinement(refinement, output)
     model.refiner = refiner
+    model.refinement_scores, model.refinement_decoder = refinement.scores, refinement.decoder
+    model.refinement_steps, model.refinement_select = refinement.steps, refinement.select
     model.set_refinement(refinement.params, refinement.is_new, note=refinement.describe())
     print(f"gvae-refine: {refinement.describe()} in {elapsed * 1000:.0f} ms -> {output}")
     return refinement

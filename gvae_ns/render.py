@@ -847,3 +847,19 @@ def _gauss_table(
         box = torch.stack([x0, x1, y0, y1], dim=-1) * tile_size
         box = torch.cat([box, box.new_zeros(1, 4)])
     return tab, box
+
+
+def world_to_camera(camera_to_worlds: Tensor) -> Tensor:
+    """nerfstudio camera-to-world ``[C,3,4]`` (OpenGL axes) -> gsplat world-to-camera ``[C,4,4]`` (OpenCV axes).
+
+    The same matrix as splatfacto's ``get_viewmat``, without its ``torch.compile`` (which costs a C++ build
+    on CPU and breaks when the viewer interrupts the first render).
+    """
+    R = camera_to_worlds[:, :3, :3] * camera_to_worlds.new_tensor([1.0, -1.0, -1.0])
+    T = camera_to_worlds[:, :3, 3:4]
+    R_inv = R.transpose(1, 2)
+    viewmat = camera_to_worlds.new_zeros(camera_to_worlds.shape[0], 4, 4)
+    viewmat[:, :3, :3] = R_inv
+    viewmat[:, :3, 3:4] = -torch.bmm(R_inv, T)
+    viewmat[:, 3, 3] = 1.0
+    return viewmat

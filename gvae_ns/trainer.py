@@ -130,6 +130,27 @@ class GaussianVAETrainer(Trainer):
         """Where this run's lineage file lives (beside config.yml, not among the checkpoints)."""
         return self.base_dir / LINEAGE_FILE
 
+    def _load_checkpoint(self) -> None:
+        """nerfstudio's resume, then point the optimizers at the parameters the checkpoint resized.
+
+        splatfacto replaces its Gaussian parameters when it loads a checkpoint with another count, but the
+        optimizers were built for the old ones; gsplat's densification reads the optimizer's parameter, so
+        without this a resumed run fails at its first refinement.
+        """
+        super()._load_checkpoint()
+        groups = self.pipeline.get_param_groups()
+        for name, optimizer in self.optimizers.optimizers.items():
+            new_params = groups.get(name)
+            if not new_params:
+                continue
+            for group in optimizer.param_groups:
+                old_params = group["params"]
+                for old, new in zip(old_params, new_params):
+                    if old is not new and old in optimizer.state:
+                        optimizer.state[new] = optimizer.state.pop(old)
+                group["params"] = list(new_params[: len(old_params)])
+            self.optimizers.parameters[name] = list(new_params)
+
     def save_checkpoint(self, step: int) -> None:
         """Write ``step-*.ckpt`` atomically, weights-only loadable, and the lineage file beside the run."""
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,6 @@ start=$SECONDS
 source .whl/setup.sh .whl || exit 2
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
 export NERFSTUDIO_METHOD_CONFIGS="gaussianvae=gvae_ns.method:gaussianvae"
-export TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1   # stock splatfacto checkpoints hold numpy scalars
 
 echo "== gsplat CUDA extension (compiles once per machine, ~3.5 min)"
 python3 -c "from gsplat.cuda._backend import _C" || exit 2

@@ -1,13 +1,15 @@
 """The benchmark harness (gvae_ns.bench): suite files, table, crop figure, evaluation, resuming.
 
-One tiny benchmark is trained once for the module (built-in scene at 32 px, x2 copy at 16 px, 60 steps;
-the splatfacto (CPU renderer) baseline and the oracle, two ns-train processes at once).
+The CPU suite (configs/bench-cpu.yaml), shrunk for CI, runs once for the module: built-in scene at 32 px, x2
+copy at 16 px, 60 steps; the splatfacto (CPU renderer) classic baseline, gaussianvae through stages 1/2, 1/1 and
+its +1 Hessian-guided refinement (a 30-step VAE); two ns-train processes at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 from pathlib import Path
 
@@ -23,15 +25,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tiny_config(output: Path) -> BenchConfig:
-    return BenchConfig(
+    """The CPU suite (configs/bench-cpu.yaml) shrunk for CI: 32 px scene, 60 steps, one baseline, +1 Hessian,
+    no oracle (the oracle is the baseline's code path on the full-resolution copy)."""
+    suite = bench.load_suite(ROOT / "configs" / "bench-cpu.yaml")
+    return dataclasses.replace(
+        suite,
         name="tiny",
         scene=SceneConfig(resolution=32, n_train=6, n_val=1, n_test=2, n_points=3000, supersample=2),
         output=output,
-        factors=(2,),
         steps=60,
         baselines=("classic",),
-        ours=False,
-        oracle=True,
+        oracle=False,
+        ours_downscales=(2, 1),
+        ours_stage_fractions=(0.5, 0.5),
+        refine_steps=(1,),
+        refine_selects=("hessian",),
+        refine_args="--vae-steps 30",
         train_args="--pipeline.model.num-random 1000 --pipeline.model.random-scale 2.0 "
         "--pipeline.model.warmup-length 20 --pipeline.model.refine-every 20",
         jobs=2,
@@ -158,19 +167,32 @@ def test_tiny_benchmark_end_to_end(tiny):
     cfg, results = tiny
     out = cfg.output.resolve()
     assert results["complete"], [r.get("error") for r in results["rows"]]
-    assert [r["name"] for r in results["rows"]] == ["splatfacto-classic-x2", "oracle"]
+    names = ["splatfacto-classic-x2", "ours-x2", "ours-hessian-p1-x2"]
+    assert [r["name"] for r in results["rows"]] == names
     saved = json.loads((out / "results.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(results["rows"]))
     for row in results["rows"]:
         m = row["metrics"]
         assert (m["height"], m["width"], m["views"]) == (32, 32, 2), "scored at the full resolution"
-        assert 8.0 < m["psnr"] < 60.0 and 0.0 < m["ssim"] <= 1.0
-        assert m["chamfer_all"] > 0 and m["num_gaussians"] > 0 and m["ms_per_view"] > 0
+        assert 0.0 < m["ssim"] <= 1.0 and math.isfinite(m["psnr"]) and m["ms_per_view"] > 0
         assert row["train_s"] > 0
+    for row in results["rows"][:2]:
+        assert 8.0 < row["metrics"]["psnr"] < 60.0 and row["metrics"]["chamfer_all"] > 0
+    refined = results["rows"][2]
+    assert refined["refine_s"] > 0 and refined["refine_includes_vae"]
+    assert refined["metrics"]["num_original"] == results["rows"][1]["metrics"]["num_gaussians"]
+    assert refined["metrics"]["num_gaussians"] == (refined["metrics"]["num_original"] + refined["metrics"]["num_added"]
+                                                   - refined["metrics"]["num_removed"])
+    assert (out / "refinements" / "ours-hessian-p1-x2.pt").is_file()
     assert Image.open(out / "data" / "x2" / "train" / "r_0.png").size == (16, 16)
-    assert "| x2 | splatfacto classic (CPU renderer) |" in (out / "results.md").read_text()
-    fig = Image.open(out / "crops.png")
-    assert fig.size == bench.figure_size(1, 4, 8 * (64 // 8))
+    table = (out / "results.md").read_text()
+    assert "| x2 | splatfacto classic (CPU renderer) |" in table and "| x2 | Ours-nabla2 +1 |" in table
+    fig = np.asarray(Image.open(out / "crops.png").convert("RGB"))
+    tile = 8 * (64 // 8)
+    assert (fig.shape[1], fig.shape[0]) == bench.figure_size(1, 4, tile)
+    top, oracle_left = bench.TILE_PAD + bench.TILE_CAPTION, bench.TILE_PAD + 2 * (tile + bench.TILE_PAD)
+    assert (fig[top : top + tile, oracle_left : oracle_left + tile] == bench.BLIND_SPOT).all(), "no oracle run"
+    assert not (fig[top : top + tile, bench.TILE_PAD : bench.TILE_PAD + tile] == bench.BLIND_SPOT).all()
 
 
 def test_evaluation_of_a_trained_run(tiny):
@@ -218,14 +240,25 @@ def test_second_run_resumes_without_training(tiny, monkeypatch):
     again = bench.run_bench(cfg, log=lambda *_: None)
     assert evaluated == [] and again["rows"] == results["rows"]
 
-    (out / "rows" / "oracle.json").unlink()
+    (out / "rows" / "ours-hessian-p1-x2.json").unlink()
     again = bench.run_bench(cfg, log=lambda *_: None)
     assert len(evaluated) == 1, "only the row without a result is evaluated"
-    assert again["rows"][1]["metrics"]["psnr"] == pytest.approx(results["rows"][1]["metrics"]["psnr"], abs=1e-4)
+    assert again["rows"][-1]["metrics"]["psnr"] == pytest.approx(results["rows"][-1]["metrics"]["psnr"], abs=1e-4)
+
+    made = json.loads((out / "refinements" / "ours-hessian-p1-x2.json").read_text())["made_at"]
+    (out / "refinements" / "ours-hessian-p1-x2.pt").unlink()
+    again = bench.run_bench(cfg, log=lambda *_: None)
+    assert len(evaluated) == 2, "a refinement made again is evaluated again"
+    redone = json.loads((out / "refinements" / "ours-hessian-p1-x2.json").read_text())
+    assert redone["made_at"] > made and not redone["includes_vae_training"], "the run's VAE is reused"
+    assert again["rows"][-1]["status"] == "ok" and again["rows"][:2] == results["rows"][:2]
 
     changed = dataclasses.replace(cfg, steps=cfg.steps + 1)
-    runs, _ = bench.plan(changed, out / "data" / "scene", {2: out / "data" / "x2"})
+    runs, rows = bench.plan(changed, out / "data" / "scene", {2: out / "data" / "x2"})
     assert all(bench.trained(changed, spec) is None for spec in runs), "changed settings retrain"
+    record = json.loads((out / "runs" / "ours-x2" / "train.json").read_text())
+    other_select = dataclasses.replace(cfg, refine_fraction=0.5)
+    assert bench.refined(cfg, rows[2], record) is not None and bench.refined(other_select, rows[2], record) is None
 
 
 def test_time_budget_leaves_work_for_the_next_call(tmp_path, monkeypatch):

@@ -196,3 +196,11 @@ def test_quat_rotate_matches_rotation_matrix():
     )
     v = torch.tensor([[0.3, -1.2, 2.0]])
     torch.testing.assert_close(quat_rotate(q, v), v @ rot.T)
+
+
+def test_one_token_patch_sends_finite_gradients_to_positions():
+    # 5 points with patch size 4: the last patch holds a single token, whose relative position is 0.
+    points = torch.randn(5, 3, requires_grad=True)
+    layout = build_layout(points.detach(), "z", patch_size=4)
+    layout.patch_relative(points).sum().backward()
+    assert torch.isfinite(points.grad).all()

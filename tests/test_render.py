@@ -506,3 +506,13 @@ def test_default_strategy_grows_and_prunes(absgrad):
     assert all(len(p) == n_after for p in params.values())
     for opt in optimizers.values():
         assert opt.state[opt.param_groups[0]["params"][0]]["exp_avg"].shape[0] == n_after
+
+
+def test_world_to_camera_matches_splatfacto_viewmat():
+    from nerfstudio.models.splatfacto import get_viewmat
+
+    from gvae_ns.render import world_to_camera
+
+    c2w = torch.randn(3, 3, 4)
+    reference = getattr(get_viewmat, "__wrapped__", get_viewmat)(c2w)
+    assert torch.allclose(world_to_camera(c2w), reference, atol=1e-6)
