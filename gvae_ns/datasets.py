@@ -10,17 +10,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
+from gvae_ns.atomic import atomic_write
+
 SPLITS = ("train", "val", "test")
 _PIXEL_KEYS = ("w", "h", "fl_x", "fl_y", "cx", "cy")
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 def _load_transforms(file: Path) -> dict:
@@ -127,20 +126,6 @@ def box_downscale(image: np.ndarray, factor: int) -> np.ndarray:
     else:
         out = pool(img)
     return out[..., 0] if squeeze else out
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then move it onto ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -36,18 +35,6 @@ def to_weights_only_safe(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         return torch.from_numpy(obj)
     return obj
-
-
-def save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def allow_numpy_scalars() -> None:

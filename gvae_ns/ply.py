@@ -11,7 +11,6 @@ only processes that load a gaussianvae run are affected.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections import OrderedDict
 from importlib.metadata import version
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Mapping, Union
 
 import numpy as np
+
+from gvae_ns.atomic import atomic_write
 
 
 def write_ply(filename: Union[str, Path], count: int, map_to_tensors: Mapping[str, np.ndarray]) -> None:
@@ -51,16 +52,13 @@ def write_ply(filename: Union[str, Path], count: int, map_to_tensors: Mapping[st
     ]
     header += [f"property {'float' if a.dtype.kind == 'f' else 'uchar'} {k}" for k, a in columns.items()]
     header.append("end_header\n")
-    path = Path(filename)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+
+    def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write("\n".join(header).encode())
             records.tofile(f)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    atomic_write(filename, write)
 
 
 def use_fast_ply_writer() -> None:

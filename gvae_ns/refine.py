@@ -16,8 +16,9 @@ key                 value
                     added Gaussians
 ``is_new``          bool [kept + added]: True for added Gaussians
 ``selected``        int64 indices of the original rows whose lineages were extrapolated
-``removed``         int64 indices of original rows the VAE ended (a lineage that splits, as in
-                    densification, hands over to its children); they are absent from ``params``
+``removed``         int64 indices of original rows whose lineage ended and handed over to added
+                    descendants (as a split does in densification); they are absent from ``params``.
+                    A lineage that ends without descendants keeps its original Gaussian.
 ``scores``          dict of per-original-row float tensors (``grad2d``, ``hessian``), so that other
                     step counts / selections can be recomputed without the training images
 ==================  =============================================================================
@@ -91,10 +92,10 @@ class Refinement:
 
 def save_refinement(refinement: Refinement, path: Union[str, Path]) -> Path:
     """Write ``refinement`` to ``path`` atomically (see the module docstring for the layout)."""
-    from gvae_ns.offline import save_atomic
+    from gvae_ns.atomic import torch_save_atomic
 
     path = Path(path)
-    save_atomic(
+    torch_save_atomic(
         {
             "format": REFINEMENT_FORMAT,
             "version": REFINEMENT_VERSION,
@@ -318,7 +319,11 @@ class Refiner:
                 max_new=max_new, seed=self.seed,
             )
             states[chosen] = result.refined.cpu()
-            keep[chosen[~result.alive.cpu()]] = False
+            # A lineage that ended hands over to its added descendants (as a split does); one that ended with
+            # none keeps its Gaussian: refinement adds detail, it never deletes the trained scene's coverage.
+            has_descendants = torch.zeros(len(chosen), dtype=torch.bool)
+            has_descendants[result.added_source.cpu()] = True
+            keep[chosen[~result.alive.cpu() & has_descendants]] = False
             added = result.added
         all_states = torch.cat([states[keep], added.cpu()], dim=0)
         is_new = torch.zeros(all_states.shape[0], dtype=torch.bool)

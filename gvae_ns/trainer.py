@@ -22,7 +22,8 @@ import torch
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 
-from gvae_ns.offline import save_atomic, to_weights_only_safe
+from gvae_ns.atomic import torch_save_atomic
+from gvae_ns.offline import to_weights_only_safe
 from gvae_ns.stages import StageSchedule, StageScheduleError
 
 LINEAGE_FILE = "lineage.npz"
@@ -162,7 +163,7 @@ class GaussianVAETrainer(Trainer):
             "schedulers": {k: v.state_dict() for k, v in self.optimizers.schedulers.items()},
             "scalers": self.grad_scaler.state_dict(),
         }
-        save_atomic(to_weights_only_safe(state), ckpt_path)
+        torch_save_atomic(to_weights_only_safe(state), ckpt_path)
         if self.config.save_only_latest_checkpoint:
             for old in self.checkpoint_dir.glob("step-*.ckpt"):
                 if old != ckpt_path:

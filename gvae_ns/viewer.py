@@ -206,6 +206,8 @@ class RefinementControls(nn.Module):
         timer.start()
 
     def _resend_applied(self) -> None:
+        if self._model_ref() is None:  # the viewer (and its model) closed before the timer fired
+            return
         steps, select = self.applied()
         for element, value in ((self.steps, steps), (self.select, _select_label(select))):
             if element.gui_handle is not None:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from gvae_ns import offline
+from gvae_ns.atomic import torch_save_atomic
 
 
 def test_numpy_scalars_become_weights_only_safe(tmp_path):
@@ -15,7 +16,7 @@ def test_numpy_scalars_become_weights_only_safe(tmp_path):
     with pytest.raises(Exception):
         torch.load(raw, weights_only=True)  # what stock PyTorch >= 2.6 does to numpy scalars
     path = tmp_path / "safe.ckpt"
-    offline.save_atomic(offline.to_weights_only_safe(state), path)
+    torch_save_atomic(offline.to_weights_only_safe(state), path)
     loaded = torch.load(path, weights_only=True)
     assert loaded["sched"]["last_lr"] == [0.1] and loaded["sched"]["base"] == 2.0
     assert torch.equal(loaded["arr"], torch.arange(3))
@@ -23,7 +24,7 @@ def test_numpy_scalars_become_weights_only_safe(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_save_atomic_leaves_old_file_when_writing_fails(tmp_path):
+def test_torch_save_atomic_leaves_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "a.ckpt"
     torch.save({"ok": 1}, path)
 
@@ -32,7 +33,7 @@ def test_save_atomic_leaves_old_file_when_writing_fails(tmp_path):
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        offline.save_atomic({"bad": Unpicklable()}, path)
+        torch_save_atomic({"bad": Unpicklable()}, path)
     assert torch.load(path, weights_only=True) == {"ok": 1}
     assert not list(tmp_path.glob(".*.tmp"))
 

@@ -160,3 +160,22 @@ def test_bad_arguments_are_rejected():
         extrapolate(vae, history, mask, exist_threshold=1.0)
     empty = extrapolate(vae, history[:0], mask[:0], steps=2)
     assert empty.refined.shape == (0, STATE_DIM) and len(empty.step_counts) == 2
+
+
+def test_lineages_that_all_end_early_leave_an_empty_result_not_an_error(monkeypatch):
+    torch.manual_seed(0)
+    vae = GaussianVAE(GaussianVAEConfig())
+    original = vae.children_from_output
+
+    def nothing_exists(out, parent):  # every slot below threshold: every lineage ends at step 1
+        children, prob = original(out, parent)
+        return children, torch.zeros_like(prob)
+
+    monkeypatch.setattr(vae, "children_from_output", nothing_exists)
+    history = torch.zeros(6, 3, 59)
+    history[:, :, 3] = 1.0
+    mask = torch.ones(6, 3, dtype=torch.bool)
+    result = extrapolate(vae, history, mask, steps=3)
+    assert result.added.shape == (0, 59)
+    assert not result.alive.any()
+    assert [c["lineages"] for c in result.step_counts] == [6, 0, 0]

@@ -57,7 +57,6 @@ naming the file and the problem, for anything it cannot trust.
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass, fields
@@ -68,6 +67,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gvae_ns.atomic import atomic_write
 from gvae_ns.gaussians import MEANS, OPACITY, QUATS, SCALES, SH_DC, SH_REST, STATE_DIM
 
 FORMAT_NAME = "gvae_ns.lineage"
@@ -324,19 +324,14 @@ def save_lineage(lineage: Lineage, path: Union[str, Path], *, float16: bool = Fa
         snapshot_grad2d=lineage.snapshot_grad2d.numpy(),
         snapshot_count=lineage.snapshot_count.numpy(),
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+
+    return atomic_write(path, write)
 
 
 _REQUIRED = (

@@ -8,9 +8,7 @@ next to the lineage file (or into ``--output-dir``).
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -18,6 +16,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import tyro
 
+from gvae_ns.atomic import atomic_write
 from gvae_ns.gaussians import OPACITY, SCALES
 from gvae_ns.lineage.dataset import build_transitions, depths, transition_pairs
 from gvae_ns.lineage.format import ALIVE, CLONE, PRUNED, SEED, SPLIT, SPLIT_REPLACED, Lineage, LineageFormatError, load_lineage
@@ -132,18 +131,6 @@ def summarize(lineage: Lineage, max_children: int = 4) -> Dict[str, Any]:
     }
 
 
-def _atomic_write(path: Path, write) -> None:  # type: ignore[no-untyped-def]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def plot(lineage: Lineage, summary: Dict[str, Any], path: Path) -> None:
     """Four panels: live counts, events per stage, depth histogram, parent->child log-scale change."""
     from matplotlib.figure import Figure
@@ -173,7 +160,7 @@ def plot(lineage: Lineage, summary: Dict[str, Any], path: Path) -> None:
     ax[1, 1].set_title("parent -> descendant change of mean log-scale")
     if lineage.num_snapshots > 1:
         ax[1, 1].legend()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 def format_table(summary: Dict[str, Any]) -> str:
@@ -204,7 +191,7 @@ def run_report(config: ReportConfig) -> Dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     summary["json"] = str(out / JSON_NAME)
     summary["figure"] = str(out / PNG_NAME)
-    _atomic_write(out / JSON_NAME, lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    atomic_write(out / JSON_NAME, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     plot(lineage, summary, out / PNG_NAME)
     print(format_table(summary))
     print(f"wrote {out / JSON_NAME} and {out / PNG_NAME}")

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gvae_ns.atomic import torch_save_atomic
 from gvae_ns.gaussians import MEANS, STATE_DIM
 from gvae_ns.vae.densify_head import DensifyHead, DensifyHeadConfig
 from gvae_ns.vae.features import REL_LOG_SCALE, REL_OFFSET, REL_OPACITY, REL_RGB, newest_index, relative_features
@@ -273,16 +273,7 @@ def save_densify_head(head: DensifyHead, path: Union[str, os.PathLike]) -> Path:
         "config": config,
         "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()},
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return torch_save_atomic(payload, path)
 
 
 def load_densify_head(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> DensifyHead:

@@ -129,6 +129,8 @@ def extrapolate(
                 cand_rows.append(rows + lo)
                 cand_states.append(children[rows, slots + 1])
                 cand_prob.append(prob[rows, slots + 1])
+            if not cand_rows:  # every lineage ended in an earlier step
+                cand_rows, cand_states, cand_prob = [prob0.new_zeros(0).long()], [cont], [prob0]
             rows = torch.cat(cand_rows)
             child_states = torch.cat(cand_states)
             child_prob = torch.cat(cand_prob)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Optional, Protocol, Union
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gvae_ns.atomic import torch_save_atomic
 from gvae_ns.vae import features as feats
 from gvae_ns.vae.flow import FlowPrior
 
@@ -595,16 +595,7 @@ def save_vae(vae: GaussianVAE, path: Union[str, os.PathLike]) -> Path:
         "config": config_to_dict(vae.config),
         "state_dict": {k: v.detach().cpu() for k, v in vae.state_dict().items()},
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return torch_save_atomic(payload, path)
 
 
 def load_vae(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> GaussianVAE:
