@@ -8,7 +8,8 @@ For a Blender-format dataset whose test views are at the full (target) resolutio
    and antialiased on each LR copy, gaussianvae through resolution stages on each LR copy (its finest stage
    is the LR copy itself), and the full-resolution oracle;
 3. refines the gaussianvae runs (``gvae_ns.refine.refine_run``): "Ours" extrapolates every lineage, "Ours-nabla2"
-   the Hessian-selected ones, +1..+4 steps past the finest stage;
+   the Hessian-selected ones, +1..+4 steps past the finest stage, with the lineage VAE and / or the generative
+   densification head ("(GD head)" rows);
 4. renders every model at full resolution on the same held-out test cameras with its own code (no ns-eval) and
    scores PSNR, SSIM, LPIPS / BRISQUE where available, the Chamfer distance from Gaussian centres to the
    dataset's ``points_gt.npy`` (when it has one), Gaussian count, training / refinement time and render speed;
@@ -60,6 +61,8 @@ TILE_CAPTION = 16
 BLIND_SPOT = (128, 128, 128)
 """Colour of a crop-figure tile whose model has no render (failed or not run yet)."""
 _SELECT_LABEL = {"all": "Ours", "hessian": "Ours-nabla2", "grad": "Ours-grad"}
+_DECODER_TAG = {"temporal": ("", ""), "generative": ("-gd", " (GD head)")}
+"""Row id suffix and label tag of each refinement decoder (temporal rows keep the ids they had before)."""
 
 
 # --------------------------------------------------------------------------------------------- configuration
@@ -118,6 +121,10 @@ class BenchConfig:
     """Extrapolation steps past the finest stage to evaluate (each of 1..4 gives a row per selection)."""
     refine_selects: Tuple[Literal["all", "hessian", "grad"], ...] = ("all", "hessian")
     """Selections to evaluate: 'all' is "Ours", 'hessian' is "Ours-nabla2"."""
+    refine_decoders: Tuple[Literal["temporal", "generative"], ...] = ("temporal",)
+    """Refinement decoders to evaluate, each with every selection and step count: 'temporal' is the lineage VAE
+    (<run>/vae.pt), 'generative' the serialized-attention densification head (<run>/densify_head.pt), rows
+    "Ours (GD head) +k"."""
     refine_fraction: float = 0.1
     """Fraction of Gaussians the hessian / grad selection keeps."""
     refine_args: str = ""
@@ -192,6 +199,8 @@ class RowSpec:
     """Extrapolation steps, or None for the run as trained."""
     refine_select: Optional[str] = None
     """Selection mode of the refinement."""
+    refine_decoder: Optional[str] = None
+    """Decoder of the refinement: 'temporal' (lineage VAE) or 'generative' (densification head)."""
 
 
 class BenchError(ValueError):
@@ -294,6 +303,8 @@ def check_config(cfg: BenchConfig) -> None:
         raise BenchError(f"ours_stage_fractions must be positive, got {cfg.ours_stage_fractions}.")
     if any(k not in (1, 2, 3, 4) for k in cfg.refine_steps):
         raise BenchError(f"refine_steps must be within 1..4, got {cfg.refine_steps}.")
+    if len(set(cfg.refine_decoders)) != len(cfg.refine_decoders):
+        raise BenchError(f"refine_decoders must not repeat a decoder, got {cfg.refine_decoders}.")
     if not 0 < cfg.refine_fraction <= 1:
         raise BenchError(f"refine_fraction must be in (0, 1], got {cfg.refine_fraction}.")
     if cfg.max_test_views is not None and cfg.max_test_views < 1:
@@ -358,10 +369,13 @@ def plan(cfg: BenchConfig, data: Path, lowres: Dict[int, Path]) -> Tuple[List[Ru
             runs.append(RunSpec(name, "gaussianvae", factor, lowres[factor], args))
             stages = "/".join(str(d) for d in cfg.ours_downscales)
             rows.append(RowSpec(name, f"gaussianvae stages 1/{stages}, no refinement", "ours", factor, name))
-            for k in cfg.refine_steps:
-                for select in cfg.refine_selects:
-                    rows.append(RowSpec(f"ours-{select}-p{k}-x{factor}", f"{_SELECT_LABEL[select]} +{k}", "ours",
-                                        factor, name, refine_steps=k, refine_select=select))
+            for decoder in cfg.refine_decoders:
+                suffix, tag = _DECODER_TAG[decoder]
+                for k in cfg.refine_steps:
+                    for select in cfg.refine_selects:
+                        label = f"{_SELECT_LABEL[select]}{tag} +{k}"
+                        rows.append(RowSpec(f"ours-{select}-p{k}{suffix}-x{factor}", label, "ours", factor, name,
+                                            refine_steps=k, refine_select=select, refine_decoder=decoder))
     if cfg.oracle:
         name = "oracle"
         runs.append(_baseline_spec(cfg, "classic", 1, data, name))
@@ -566,10 +580,11 @@ def refinement_path(output: Path, row: RowSpec) -> Path:
 
 
 def _refine_fingerprint(cfg: BenchConfig, row: RowSpec, run_record: dict) -> str:
-    return _fingerprint({"run": [run_record.get("fingerprint"), run_record.get("finished_at")],
-                         "steps": row.refine_steps,
-                         "select": row.refine_select, "fraction": cfg.refine_fraction,
-                         "args": shlex.split(cfg.refine_args)})
+    spec = {"run": [run_record.get("fingerprint"), run_record.get("finished_at")], "steps": row.refine_steps,
+            "select": row.refine_select, "fraction": cfg.refine_fraction, "args": shlex.split(cfg.refine_args)}
+    if row.refine_decoder not in (None, "temporal"):  # temporal refinements made before the field stay valid
+        spec["decoder"] = row.refine_decoder
+    return _fingerprint(spec)
 
 
 def refined(cfg: BenchConfig, row: RowSpec, run_record: dict) -> Optional[dict]:
@@ -581,17 +596,13 @@ def refined(cfg: BenchConfig, row: RowSpec, run_record: dict) -> Optional[dict]:
     return None
 
 
-def refine_row(cfg: BenchConfig, row: RowSpec, run_record: dict) -> dict:
-    """Refine the run of ``row`` (in this process, timed) and return the refinement record."""
-    try:
-        from gvae_ns.refine import VAE_FILE, RefineConfig, refine_run
-    except ImportError as err:
-        raise BenchError(f"gvae_ns.refine has no refine_run / RefineConfig yet ({err}); refinement rows need it.")
-    out = refinement_path(cfg.output, row)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    config_path = Path(run_record["config"])
+def refine_config(cfg: BenchConfig, row: RowSpec, config_path: Path):
+    """The ``gvae_ns.refine.RefineConfig`` that refines ``row`` of the run at ``config_path`` (its config.yml)."""
+    from gvae_ns.refine import RefineConfig
+
+    decoder = row.refine_decoder or "temporal"
     refine_cfg = RefineConfig(load_config=config_path, steps=row.refine_steps, select=row.refine_select,
-                              fraction=cfg.refine_fraction, output=out)
+                              fraction=cfg.refine_fraction, output=refinement_path(cfg.output, row), decoder=decoder)
     if cfg.refine_args:
         import tyro
 
@@ -600,7 +611,24 @@ def refine_row(cfg: BenchConfig, row: RowSpec, run_record: dict) -> dict:
         except SystemExit:
             raise BenchError(f"refine_args {cfg.refine_args!r} are not valid gvae-refine flags (see gvae-refine "
                              "--help).") from None
-    vae_file, vae_marker = config_path.parent / VAE_FILE, config_path.parent / ".bench-vae.json"
+    if refine_cfg.decoder != decoder:
+        raise BenchError(f"refine_args {cfg.refine_args!r} set --decoder; list decoders in refine_decoders instead.")
+    return refine_cfg
+
+
+def refine_row(cfg: BenchConfig, row: RowSpec, run_record: dict) -> dict:
+    """Refine the run of ``row`` (in this process, timed) and return the refinement record."""
+    try:
+        from gvae_ns.refine import VAE_FILE, refine_run
+        from gvae_ns.vae.densify_train import DENSIFY_HEAD_FILE
+    except ImportError as err:
+        raise BenchError(f"gvae_ns.refine has no refine_run / RefineConfig yet ({err}); refinement rows need it.")
+    out = refinement_path(cfg.output, row)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config_path = Path(run_record["config"])
+    refine_cfg = refine_config(cfg, row, config_path)
+    vae_file = config_path.parent / (DENSIFY_HEAD_FILE if refine_cfg.decoder == "generative" else VAE_FILE)
+    vae_marker = config_path.parent / f".bench-{vae_file.stem}.json"
     vae_spec = {"refine_args": shlex.split(cfg.refine_args)}
     if vae_file.is_file() and _read_json(vae_marker) != vae_spec:
         vae_file.unlink()  # made with other VAE settings (refine_args): train it again
@@ -992,7 +1020,7 @@ def figure_grid(output: Path, rows: Sequence[dict]) -> List[List[Tuple[str, Opti
                 line.append((f"{role}: none", None))
             else:
                 path = render_path(output, row["name"]) if row["name"] in ok else None
-                label = row["label"].split(" (")[0]
+                label = row["label"].rsplit(" (", 1)[0] if row["label"].endswith(")") else row["label"]
                 line.append((f"x{factor} {label}" if role != "oracle" else "oracle (full res)", path))
         line.append(("ground truth", gt))
         grid.append(line)
@@ -1053,7 +1081,8 @@ def _row_fingerprint(cfg: BenchConfig, row: RowSpec, run_record: dict, refine_re
 
 def _row_entry(row: RowSpec, status: str, **extra: Any) -> Dict[str, Any]:
     entry = {"name": row.name, "label": row.label, "kind": row.kind, "factor": row.factor, "run": row.run,
-             "refine_steps": row.refine_steps, "refine_select": row.refine_select, "status": status, "metrics": {}}
+             "refine_steps": row.refine_steps, "refine_select": row.refine_select,
+             "refine_decoder": row.refine_decoder, "status": status, "metrics": {}}
     entry.update(extra)
     return entry
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the built-in scene, CPU only: set up, render the scene, train `ns-train gaussianvae`
-# through resolution stages, train the VAE and refine, export a PLY. About 10 minutes on 2 cores.
+# through resolution stages, train the VAE and refine, export a PLY.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -9,7 +9,7 @@ export PATH="$PWD/.venv/bin:$PATH"
 DATA=data/synthetic
 OUT=outputs
 if [ ! -f "$DATA/transforms_train.json" ]; then
-  gvae-synthetic --out "$DATA" --resolution 128 --n-train 40 --n-val 4 --n-test 8 --n-points 50000
+  gvae-synthetic --out "$DATA" --resolution 256 --n-train 60 --n-val 4 --n-test 10 --n-points 100000
 fi
 mapfile -t FLAGS < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' configs/cpu-demo.args | tr ' ' '\n' | sed '/^$/d')
 start=$(date +%s)

@@ -40,6 +40,7 @@ def _tiny_config(output: Path) -> BenchConfig:
         ours_stage_fractions=(0.5, 0.5),
         refine_steps=(1,),
         refine_selects=("hessian",),
+        refine_decoders=("temporal",),
         refine_args="--vae-steps 30",
         train_args="--pipeline.model.num-random 1000 --pipeline.model.random-scale 2.0 "
         "--pipeline.model.warmup-length 20 --pipeline.model.refine-every 20",
@@ -106,6 +107,7 @@ def test_suite_files_and_command_line(tmp_path):
     assert "--pipeline.model.num-random" in cfg.train_args.split()
     gpu = bench.load_suite(ROOT / "configs" / "bench-lego-gpu.yaml")
     assert gpu.factors == (2, 4) and gpu.baseline_impl == "splatfacto" and gpu.data is not None
+    assert cfg.refine_decoders == gpu.refine_decoders == ("temporal", "generative")
     bench.check_config(cfg)
     bench.check_config(gpu)
     over = bench.parse_args(["--config", str(ROOT / "configs" / "bench-cpu.yaml"), "--steps", "40",
@@ -123,6 +125,42 @@ def test_suite_files_and_command_line(tmp_path):
     assert sum(bench.stage_steps(7, (1, 1, 1))) == 7 and min(bench.stage_steps(3, (0.1, 0.1, 5))) == 1
     with pytest.raises(BenchError, match="must end at 1"):
         bench.check_config(BenchConfig(ours_downscales=(4, 2), ours_stage_fractions=(0.5, 0.5)))
+
+
+def test_generative_decoder_rows(tmp_path, monkeypatch):
+    from gvae_ns import refine
+    from gvae_ns.vae.densify_train import DENSIFY_HEAD_FILE
+
+    cfg = BenchConfig(output=tmp_path / "out", baselines=(), oracle=False, refine_steps=(2,),
+                      refine_selects=("all", "hessian"), refine_decoders=("temporal", "generative"),
+                      refine_args="--vae-steps 7")
+    _, rows = bench.plan(cfg, tmp_path / "scene", {2: tmp_path / "x2"})
+    assert [(r.name, r.label, r.refine_decoder) for r in rows[1:]] == [
+        ("ours-all-p2-x2", "Ours +2", "temporal"),
+        ("ours-hessian-p2-x2", "Ours-nabla2 +2", "temporal"),
+        ("ours-all-p2-gd-x2", "Ours (GD head) +2", "generative"),
+        ("ours-hessian-p2-gd-x2", "Ours-nabla2 (GD head) +2", "generative"),
+    ]
+    temporal, generative = rows[1], rows[3]
+    run = tmp_path / "run"
+    run.mkdir()
+    built = bench.refine_config(cfg, generative, run / "config.yml")
+    assert (built.decoder, built.select, built.steps, built.vae_steps) == ("generative", "all", 2, 7)
+    assert built.output == bench.refinement_path(cfg.output, generative)
+    assert bench.refine_config(cfg, temporal, run / "config.yml").decoder == "temporal"
+    record = {"config": str(run / "config.yml"), "fingerprint": "f", "finished_at": 1.0}
+    assert bench._refine_fingerprint(cfg, generative, record) != bench._refine_fingerprint(cfg, temporal, record)
+    with pytest.raises(BenchError, match="refine_decoders"):
+        bench.refine_config(dataclasses.replace(cfg, refine_args="--decoder temporal"), generative, run / "config.yml")
+
+    def fake_refine_run(config, pipeline=None):  # writes what refine_run would, without training
+        name = DENSIFY_HEAD_FILE if config.decoder == "generative" else refine.VAE_FILE
+        (run / name).write_bytes(b"decoder")
+        torch.save({}, config.output)
+
+    monkeypatch.setattr(refine, "refine_run", fake_refine_run)
+    made = [bench.refine_row(cfg, row, record)["includes_vae_training"] for row in (generative, rows[4], temporal)]
+    assert made == [True, False, True], "each decoder's file is trained once per run, the first time it is needed"
 
 
 def test_bad_dataset_paths_are_reported(tmp_path, capsys):

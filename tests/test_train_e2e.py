@@ -165,3 +165,19 @@ def test_bad_input_stops_with_one_paragraph(scene, tmp_path, flags, data, words)
     assert words in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_damaged_refinement_file_falls_back_to_the_original_scene(run):
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    path = run / "refinement.pt"
+    backup = path.read_bytes()
+    try:
+        path.write_bytes(backup[:100])
+        _, pipeline, _, _ = eval_setup(run / "config.yml", test_mode="inference")
+        model = pipeline.model
+        assert model.refinement is None and not model.refinement_active
+        assert "refinement.pt" in model.refinement_note and "cannot be read" in model.refinement_note
+        assert model.num_points == model.gauss_params["means"].shape[0]
+    finally:
+        path.write_bytes(backup)
