@@ -919,7 +919,8 @@ def format_table(results: Dict[str, Any]) -> str:
                  f"centres and the dataset's points_gt.npy; 'opaque' keeps opacity > {suite.get('chamfer_opacity')}.")
     lines.append("- train s: from config.yml to the last checkpoint (trainer set-up + steps; process start-up "
                  "excluded); trainings that ran at once shared the device. ms/view: render only, after a warm-up.")
-    lines.append("- refine s: refine_run wall time (loads the run, then extrapolates); * includes training the VAE.")
+    lines.append("- refine s: refine_run wall time (loads the run, then extrapolates); * includes training the "
+                 "decoder (the lineage VAE; for GD head rows the densification head).")
     if env.get("baselines"):
         lines.append(f"- Baselines: {env['baselines']}")
     if any(r["metrics"].get("lpips") is None for r in ok):

@@ -4,6 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WITH_BROWSER="${WITH_BROWSER:-1}" bash scripts/setup.sh
-rc=0
-.venv/bin/python -m pytest -q "$@" || rc=$?
-exit $rc
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # no gain from 2 threads here, and no stalls when tests run ns-train beside pytest
+exec .venv/bin/python -m pytest -q "$@"

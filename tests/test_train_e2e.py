@@ -181,3 +181,13 @@ def test_damaged_refinement_file_falls_back_to_the_original_scene(run):
         assert model.num_points == model.gauss_params["means"].shape[0]
     finally:
         path.write_bytes(backup)
+
+
+def test_ns_eval_loads_the_run(run, tmp_path):
+    import json
+    import math
+
+    ns("ns-eval", "--load-config", run / "config.yml", "--output-path", tmp_path / "eval.json")
+    results = json.loads((tmp_path / "eval.json").read_text())["results"]
+    assert math.isfinite(results["psnr"]) and 0.0 < results["ssim"] <= 1.0
+    assert "lpips" not in results  # left out offline, not faked
