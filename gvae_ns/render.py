@@ -68,58 +68,17 @@ class Projection(NamedTuple):
     """``[C, N]`` anti-aliasing opacity factor, or None when not requested."""
 
 
-def rasterize(
-    means: Tensor,
-    quats: Tensor,
-    scales: Tensor,
-    opacities: Tensor,
-    colors: Tensor,
-    viewmats: Tensor,
-    Ks: Tensor,
-    width: int,
-    height: int,
-    near_plane: float = 0.01,
-    far_plane: float = 1e10,
-    radius_clip: float = 0.0,
-    eps2d: float = 0.3,
-    sh_degree: Optional[int] = None,
-    packed: bool = False,
-    tile_size: int = 16,
-    backgrounds: Optional[Tensor] = None,
-    render_mode: RenderMode = "RGB",
-    sparse_grad: bool = False,
-    absgrad: bool = False,
-    rasterize_mode: RasterizeMode = "classic",
-    **unused,
-) -> Tuple[Tensor, Tensor, Dict]:
+def rasterize(means: Tensor, *args, **kwargs) -> Tuple[Tensor, Tensor, Dict]:
     """Render with ``gsplat.rasterization`` when ``means`` is on CUDA, else :func:`rasterize_torch`.
 
-    Arguments and return values are those of ``gsplat.rendering.rasterization``; extra keyword
-    arguments go to gsplat unchanged on CUDA.
+    Arguments and return values are those of ``gsplat.rendering.rasterization`` (both paths have its
+    defaults); keyword arguments only gsplat knows go to gsplat unchanged on CUDA.
     """
-    kwargs = dict(
-        near_plane=near_plane,
-        far_plane=far_plane,
-        radius_clip=radius_clip,
-        eps2d=eps2d,
-        sh_degree=sh_degree,
-        packed=packed,
-        tile_size=tile_size,
-        backgrounds=backgrounds,
-        render_mode=render_mode,
-        sparse_grad=sparse_grad,
-        absgrad=absgrad,
-        rasterize_mode=rasterize_mode,
-    )
     if means.is_cuda:
         from gsplat import rasterization
 
-        return rasterization(
-            means, quats, scales, opacities, colors, viewmats, Ks, width, height, **kwargs, **unused
-        )
-    return rasterize_torch(
-        means, quats, scales, opacities, colors, viewmats, Ks, width, height, **kwargs, **unused
-    )
+        return rasterization(means, *args, **kwargs)
+    return rasterize_torch(means, *args, **kwargs)
 
 
 def rasterize_torch(
