@@ -52,8 +52,9 @@ class GaussianVAEModelConfig(SplatfactoModelConfig):
     """Store the per-stage snapshots in the lineage file as float16 (half the size)."""
     refine_after_training: bool = True
     """Train the VAE on the lineage and refine the scene as the last phase of ns-train."""
-    refine_steps: int = 2
-    """Extrapolation steps past the finest stage (1..4) applied by the refinement after training."""
+    refine_steps: int = 1
+    """Extrapolation steps past the finest stage (1..4) applied by the refinement after training; each step is
+    one resolution doubling, so with the default stages (finest 1/2) one step reaches the data's resolution."""
     refine_select: Literal["hessian", "grad", "all"] = "hessian"
     """Which lineages to extrapolate: top Hessian / view-space-gradient score, gradient only, or all."""
     refine_fraction: float = 0.1

@@ -162,8 +162,8 @@ class RefineConfig:
 
     load_config: Path
     """The run's config.yml (as for ns-viewer / ns-export)."""
-    steps: int = 2
-    """Extrapolation steps past the finest trained stage (1..4)."""
+    steps: int = 1
+    """Extrapolation steps past the finest trained stage (1..4); each is one resolution doubling."""
     select: Literal["hessian", "grad", "all"] = "hessian"
     """Which lineages to extrapolate: Hessian-guided score, view-space gradient only, or the whole scene."""
     fraction: float = 0.1
