@@ -675,7 +675,9 @@ def load_pipeline(config_path: Path | str):
     config_path = Path(config_path)
     if not config_path.is_file():
         raise BenchError(f"{config_path} does not exist: point at the config.yml of a finished ns-train run.")
-    with _legacy_checkpoints(), warnings.catch_warnings():
+    # gaussianvae checkpoints load as they are; stock splatfacto's (numpy scalars inside) need the legacy loader
+    ours = "method_name: gaussianvae" in config_path.read_text()
+    with (contextlib.nullcontext() if ours else _legacy_checkpoints()), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         _, pipeline, _, _ = eval_setup(config_path, test_mode="test")
     pipeline.eval()
