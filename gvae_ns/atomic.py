@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -16,11 +16,12 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
-def atomic_write(path: Union[str, Path], write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then move it onto ``path``."""
+def atomic_write(path: Union[str, Path], write: Callable[[str], None], tmp_dir: Optional[Path] = None) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file next to ``path`` (or in ``tmp_dir``, on the same file
+    system), then move it onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir or path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
@@ -33,6 +34,6 @@ def atomic_write(path: Union[str, Path], write: Callable[[str], None]) -> Path:
     return path
 
 
-def torch_save_atomic(obj: Any, path: Union[str, Path]) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically."""
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+def torch_save_atomic(obj: Any, path: Union[str, Path], tmp_dir: Optional[Path] = None) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp), tmp_dir)

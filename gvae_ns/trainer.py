@@ -163,7 +163,8 @@ class GaussianVAETrainer(Trainer):
             "schedulers": {k: v.state_dict() for k, v in self.optimizers.schedulers.items()},
             "scalers": self.grad_scaler.state_dict(),
         }
-        torch_save_atomic(to_weights_only_safe(state), ckpt_path)
+        # the temporary file goes beside the run: nerfstudio parses every name in nerfstudio_models as a step
+        torch_save_atomic(to_weights_only_safe(state), ckpt_path, tmp_dir=self.base_dir)
         if self.config.save_only_latest_checkpoint:
             for old in self.checkpoint_dir.glob("step-*.ckpt"):
                 if old != ckpt_path:
