@@ -102,8 +102,7 @@ class GaussianVAEModel(SplatfactoModel):
         self.refinement: Optional[Dict[str, torch.Tensor]] = None
         self.refined_is_new: Optional[torch.Tensor] = None
         self.refinement_note = "no refinement yet: it is made after training, or by gvae-refine"
-        self.refinement_scores: Optional[Dict[str, torch.Tensor]] = None
-        self.refinement_decoder = "temporal"
+        self.refinement_record = None  # the last Refinement made or loaded (how to make another one)
         self.refiner = None
         self.tint_new = False
         from gvae_ns.viewer import RefinementControls
@@ -148,9 +147,11 @@ class GaussianVAEModel(SplatfactoModel):
             self.set_refinement(None, note=f"refinement off: {err}")
             CONSOLE.print(f"[bold yellow]{err} The original scene is shown.")
             return
-        self.refinement_scores = refined.scores
-        self.refinement_decoder = refined.decoder
-        self.refinement_steps, self.refinement_select = refined.steps, refined.select
+        self.attach_refinement(refined)
+
+    def attach_refinement(self, refined) -> None:
+        """Show a :class:`gvae_ns.refine.Refinement` and keep it as the record of how it was made."""
+        self.refinement_record = refined
         self.set_refinement(refined.params, refined.is_new, note=refined.describe())
 
     def update_refinement(self, steps: int, select: str) -> str:
@@ -164,10 +165,9 @@ class GaussianVAEModel(SplatfactoModel):
         if self.refiner is None:
             from gvae_ns.refine import load_refiner
 
-            self.refiner = load_refiner(self, self.refinement_scores, self.refinement_decoder)
-        refined = self.refiner.refine(steps, select)
-        self.refinement_steps, self.refinement_select = refined.steps, refined.select
-        self.set_refinement(refined.params, refined.is_new, note=refined.describe())
+            record = self.refinement_record
+            self.refiner = load_refiner(self, record and record.scores, record.decoder if record else "temporal")
+        self.attach_refinement(self.refiner.refine(steps, select))
         return self.refinement_note
 
     # ------------------------------------------------------------ stage schedule

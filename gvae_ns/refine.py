@@ -426,9 +426,7 @@ def refine_run(config: RefineConfig, pipeline=None) -> Refinement:
     output = Path(config.output) if config.output is not None else _run_dir(config) / REFINEMENT_FILE
     save_refinement(refinement, output)
     model.refiner = refiner
-    model.refinement_scores, model.refinement_decoder = refinement.scores, refinement.decoder
-    model.refinement_steps, model.refinement_select = refinement.steps, refinement.select
-    model.set_refinement(refinement.params, refinement.is_new, note=refinement.describe())
+    model.attach_refinement(refinement)
     print(f"gvae-refine: {refinement.describe()} in {elapsed * 1000:.0f} ms -> {output}")
     return refinement
 

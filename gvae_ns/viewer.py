@@ -120,12 +120,11 @@ class RefinementControls(nn.Module):
         if self._applied is not None:
             return self._applied
         model = self._model
+        record = getattr(model, "refinement_record", None)
+        select = record.select if record is not None else model.config.refine_select
         if model.refinement is None:
-            return 0, _select_key(getattr(model, "refinement_select", model.config.refine_select))
-        steps = getattr(model, "refinement_steps", None)
-        if steps is None:
-            steps = model.config.refine_steps
-        select = getattr(model, "refinement_select", None) or model.config.refine_select
+            return 0, _select_key(select)
+        steps = record.steps if record is not None else model.config.refine_steps
         return int(min(max(int(steps), 0), MAX_STEPS)), _select_key(select)
 
     def sync(self, status: Optional[str] = None) -> None:
@@ -250,7 +249,8 @@ def _unavailable_reason(model: "GaussianVAEModel") -> Optional[str]:
         run_dir = model.config.run_dir
         if run_dir is None or not (Path(run_dir) / VAE_FILE).is_file():
             return f"no trained VAE ({VAE_FILE}) beside the run: run gvae-refine first"
-        if not getattr(model, "refinement_scores", None):
+        record = getattr(model, "refinement_record", None)
+        if record is None or not record.scores:
             return f"no selection scores in {REFINEMENT_FILE}: run gvae-refine first"
     return None
 
