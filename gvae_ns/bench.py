@@ -43,12 +43,13 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from gvae_ns.datasets import atomic_write, check_blender_dir, downscale_blender, write_json
+from gvae_ns.offline import stock_checkpoint_loading
 
 RESULTS_FORMAT = "gvae_ns.bench"
 RESULTS_VERSION = 1
@@ -653,21 +654,6 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-@contextlib.contextmanager
-def _legacy_checkpoints() -> Iterator[None]:
-    """Let torch.load read the stock splatfacto checkpoints this benchmark trained (numpy scalars inside)."""
-    key = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
-    before = os.environ.get(key)
-    os.environ[key] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
-
-
 def load_pipeline(config_path: Path | str):
     """Load a trained run for evaluation on its test split (nerfstudio's ``eval_setup``)."""
     from nerfstudio.utils.eval_utils import eval_setup
@@ -675,9 +661,9 @@ def load_pipeline(config_path: Path | str):
     config_path = Path(config_path)
     if not config_path.is_file():
         raise BenchError(f"{config_path} does not exist: point at the config.yml of a finished ns-train run.")
-    # gaussianvae checkpoints load as they are; stock splatfacto's (numpy scalars inside) need the legacy loader
+    # gaussianvae checkpoints load as they are; stock splatfacto's hold numpy scalars, allowed by name
     ours = "method_name: gaussianvae" in config_path.read_text()
-    with (contextlib.nullcontext() if ours else _legacy_checkpoints()), warnings.catch_warnings():
+    with (contextlib.nullcontext() if ours else stock_checkpoint_loading()), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         _, pipeline, _, _ = eval_setup(config_path, test_mode="test")
     pipeline.eval()
