@@ -4,9 +4,9 @@ A crash or an error mid-write leaves the previous file (or none), never a half-w
 file is flushed to disk (``fsync``) before the rename, and the directory after it, so a power cut cannot
 leave a renamed but empty file either.
 
-``GVAE_STALL_WRITE=<file name>`` (for fault-injection tests only) makes the write of that file pause for
-``GVAE_STALL_SECONDS`` (default 30) after its temporary file is complete and before the rename, so a test can
-kill the process mid-write.
+``GVAE_STALL_WRITE=<file name>[@k]`` (for fault-injection tests only) makes the k-th write (default: every
+write) of that file in this process pause for ``GVAE_STALL_SECONDS`` (default 60) after its temporary file is
+complete and before the rename, so a test can kill the process mid-write.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 
@@ -63,9 +63,16 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+_writes_seen: Dict[str, int] = {}
+
+
 def _stall_if_asked(path: Path) -> None:
-    if os.environ.get("GVAE_STALL_WRITE") == path.name:
-        time.sleep(float(os.environ.get("GVAE_STALL_SECONDS", "30")))
+    name, _, nth = os.environ.get("GVAE_STALL_WRITE", "").partition("@")
+    if name != path.name:
+        return
+    _writes_seen[name] = _writes_seen.get(name, 0) + 1
+    if not nth or int(nth) == _writes_seen[name]:
+        time.sleep(float(os.environ.get("GVAE_STALL_SECONDS", "60")))
 
 
 def torch_save_atomic(obj: Any, path: Union[str, Path], tmp_dir: Optional[Path] = None) -> Path:

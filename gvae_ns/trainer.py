@@ -172,6 +172,11 @@ class GaussianVAETrainer(Trainer):
         without this a resumed run fails at its first refinement.
         """
         super()._load_checkpoint()
+        if self.config.load_checkpoint is not None:
+            self.last_checkpoint = Path(self.config.load_checkpoint)
+        elif self.config.load_dir is not None:
+            loaded = sorted(Path(self.config.load_dir).glob("step-*.ckpt"))
+            self.last_checkpoint = loaded[-1] if loaded else None
         groups = self.pipeline.get_param_groups()
         for name, optimizer in self.optimizers.optimizers.items():
             new_params = groups.get(name)
@@ -239,13 +244,15 @@ class GaussianVAETrainer(Trainer):
         if bool(ok.all()):
             return
         bad = [name for name, good in zip(names, ok.tolist()) if not good]
+        groups_bad = [name for name in bad if not name.startswith("loss ")]
+        lr_flag = f"--optimizers.{groups_bad[0]}.optimizer.lr" if groups_bad else "--optimizers.<group>.optimizer.lr"
         last = self.last_checkpoint
         kept = (f"The last good checkpoint is {last}; resume from it with --load-dir {last.parent}"
                 if last is not None else "No checkpoint was written before it")
         exit_with_message(
             f"ns-train gaussianvae: training diverged at step {step}: {', '.join(bad)} became NaN or infinite. "
-            f"Nothing was saved after it. {kept}, and lower the learning rate of the group named (e.g. "
-            f"--optimizers.means.optimizer.lr) or check the input images for broken pixels.",
+            f"Nothing was saved after it. {kept}, and lower that group's learning rate ({lr_flag}) or check the "
+            "input images for broken pixels.",
             code=1,
         )
 
