@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import dataclasses
 import hashlib
 import json
@@ -11,9 +10,6 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Literal, Optional, Tuple
-
-
-
 
 RESULTS_FORMAT = "gvae_ns.bench"
 RESULTS_VERSION = 1

@@ -6,7 +6,6 @@ Used by gvae-bench, ``scripts/eval_refinement.py`` and the tests; it imports not
 
 from __future__ import annotations
 
-
 import contextlib
 import gc
 import math
@@ -18,9 +17,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from gvae_ns import metrics
+from gvae_ns.bench.config import BenchError
 from gvae_ns.datasets import atomic_write
 from gvae_ns.offline import stock_checkpoint_loading
-from gvae_ns.bench.config import BenchError
+from gvae_ns.refine import load_refinement
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -54,8 +55,6 @@ def attach_refinement(model: torch.nn.Module, refinement: Optional[Path]) -> Dic
     if refinement is None:
         model.set_refinement(None, note="benchmark: the run as trained")
         return {}
-    from gvae_ns.refine import load_refinement
-
     refined_set = load_refinement(refinement, num_original=model.gauss_params["means"].shape[0])
     model.set_refinement(refined_set.params, refined_set.is_new, note=refined_set.describe())
     if not model.refinement_active:
@@ -118,8 +117,6 @@ def evaluate_pipeline(
     set when one is attached), ``chamfer_opaque`` / ``chamfer_all`` (to ``points_gt``; None without it), and
     the resolution. ``save_view`` is written to ``save_to`` (and its ground truth to ``gt_to``) as PNG.
     """
-    from gvae_ns import metrics
-
     model = pipeline.model
     model.eval()
     dataset = _test_dataset(pipeline)
@@ -175,8 +172,6 @@ def evaluate_pipeline(
 
 
 def _brisque(image: torch.Tensor) -> Optional[float]:
-    from gvae_ns import metrics
-
     try:
         return metrics.brisque_or_none(image)
     except Exception as err:  # the optional package fails on some images (e.g. tiny or flat ones)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import dataclasses
 import shlex
 import shutil
@@ -12,13 +11,13 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from gvae_ns.datasets import check_blender_dir, downscale_blender, write_json
 from gvae_ns.bench.config import BenchConfig, BenchError, RowSpec, RunSpec, read_json
+from gvae_ns.datasets import check_blender_dir, downscale_blender, write_json
+from gvae_ns.synthetic import write_scene
 
 _SELECT_LABEL = {"all": "Ours", "hessian": "Ours-nabla2", "grad": "Ours-grad"}
 _DECODER_TAG = {"temporal": ("", ""), "generative": ("-gd", " (GD head)")}
 """Row id suffix and label tag of each refinement decoder (temporal rows keep the ids they had before)."""
-
 
 
 # ------------------------------------------------------------------------------------------------- planning
@@ -100,8 +99,6 @@ def prepare_data(cfg: BenchConfig, log=print) -> Tuple[Path, Dict[int, Path]]:
     """The full-resolution dataset (``--data`` or the built-in scene) and its LR training copies."""
     out = cfg.output.resolve()
     if cfg.data is None:
-        from gvae_ns.synthetic import write_scene
-
         data = out / "data" / "scene"
         marker = data / ".bench-scene.json"
         spec = dataclasses.asdict(cfg.scene)

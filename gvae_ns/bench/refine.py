@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-
 import shlex
 import time
 from pathlib import Path
 from typing import Optional
 
-
-from gvae_ns.datasets import write_json
-from gvae_ns.bench.config import BenchConfig, BenchError, RowSpec, fingerprint, read_json
+from gvae_ns.bench.config import (
+    BenchConfig,
+    BenchError,
+    RowSpec,
+    fingerprint,
+    read_json,
+)
 from gvae_ns.bench.evaluate import sync
+from gvae_ns.datasets import write_json
 
 
 # ---------------------------------------------------------------------------------------------- refinement

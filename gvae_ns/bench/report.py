@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import math
 import os
 from pathlib import Path
@@ -11,10 +10,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from gvae_ns.datasets import atomic_write, write_json
 from gvae_ns.bench.config import BenchConfig
 from gvae_ns.bench.plan import use_stock_splatfacto
-
+from gvae_ns.datasets import atomic_write, write_json
 
 TILE_PAD = 6
 """Pixels between the tiles of the crop figure (and around it)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import dataclasses
 import json
 import sys
@@ -11,16 +10,31 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from gvae_ns.datasets import write_json
 from gvae_ns.bench.config import (
-    EXIT_FAILED, EXIT_OK, EXIT_RESUME, RESULTS_FORMAT, RESULTS_VERSION, BenchConfig, BenchError, RowSpec, check_config,
-    fingerprint, load_suite, read_json,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_RESUME,
+    RESULTS_FORMAT,
+    RESULTS_VERSION,
+    BenchConfig,
+    BenchError,
+    RowSpec,
+    check_config,
+    fingerprint,
+    load_suite,
+    read_json,
 )
-from gvae_ns.bench.evaluate import attach_refinement, evaluate_pipeline, free_memory, load_pipeline
+from gvae_ns.bench.evaluate import (
+    attach_refinement,
+    evaluate_pipeline,
+    free_memory,
+    load_pipeline,
+)
 from gvae_ns.bench.plan import plan, prepare_data
 from gvae_ns.bench.refine import refine_row, refined, refinement_path
 from gvae_ns.bench.report import environment, render_path, slug_path, write_reports
 from gvae_ns.bench.train import Budget, train_all
+from gvae_ns.datasets import write_json
 
 
 # ------------------------------------------------------------------------------------------------- the loop

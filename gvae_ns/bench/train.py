@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import os
 import shlex
 import shutil
@@ -14,8 +13,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from gvae_ns.datasets import write_json
 from gvae_ns.bench.config import BenchConfig, RunSpec, fingerprint, read_json
+from gvae_ns.datasets import write_json
 
 
 # ------------------------------------------------------------------------------------------------ training
