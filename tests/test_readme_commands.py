@@ -142,8 +142,8 @@ def _start_until(argv: List[str], env: Dict[str, str], cwd: Path, log: Path, mar
 def test_viewer_command_serves_on_localhost(run, tmp_path):
     command = next(c for c in _commands() if "ns-viewer" in c)
     extra, argv = _argv(_fill(command, run, tmp_path))
-    text = _start_until(argv, {**_env(), **extra}, REPO, tmp_path / "viewer.log", "Viewer running locally", 300)
-    assert "http://127.0.0.1:" in text
+    text = _start_until(argv, {**_env(), **extra}, REPO, tmp_path / "viewer.log", "ws://", 300)
+    assert "http://127.0.0.1:" in text and "0.0.0.0" not in text
 
 
 @pytest.mark.skipif(not LEGO.is_dir(), reason=f"the lego data is not at {LEGO}")
@@ -153,7 +153,8 @@ def test_lego_recipe_runs_as_written(tmp_path):
     lines = [line.strip() for line in block.splitlines() if line.strip()]
     assert lines[0] == "bash scripts/setup.sh"  # what this suite itself runs under
     copy = REPO / "data" / "lego_x2"
-    outputs = REPO / "outputs" / "lego_x2"
+    before = set((REPO / "outputs").rglob("config.yml"))
+    made: List[Path] = []
     try:
         extra, argv = _argv(lines[1])
         proc = subprocess.run(argv, cwd=REPO, env={**_env(), **extra}, capture_output=True, text=True, timeout=900)
@@ -161,8 +162,13 @@ def test_lego_recipe_runs_as_written(tmp_path):
         assert (copy / "transforms_train.json").is_file()
         extra, argv = _argv(lines[2])
         text = _start_until(argv, {**_env(), **extra}, REPO, tmp_path / "lego.log", "Step (% Done)", 600)
+        made = sorted(set((REPO / "outputs").rglob("config.yml")) - before)
         assert "ns-train gaussianvae:" not in text
-        assert list(outputs.rglob("config.yml")), "ns-train did not get past its checks"
+        assert made, "ns-train did not get past its checks"
     finally:
         shutil.rmtree(copy, ignore_errors=True)
-        shutil.rmtree(outputs, ignore_errors=True)
+        for config in made:
+            shutil.rmtree(config.parent, ignore_errors=True)
+            for parent in (config.parent.parent, config.parent.parent.parent):  # <experiment>/<method>, if emptied
+                if parent.is_dir() and not any(parent.iterdir()):
+                    parent.rmdir()
