@@ -477,9 +477,9 @@ def check_refine_config(config: RefineConfig) -> None:
     """Raise ``ValueError`` (one paragraph, naming the option and the fix) for options that cannot work;
     nothing is loaded or trained first."""
     if not 1 <= config.steps <= 4:
-        raise ValueError(f"--steps must be in 1..4 (extrapolation steps past the finest stage), got {config.steps}.")
+        raise ValueError(f"--steps must be in 1..4, got {config.steps} (extrapolation steps past the finest stage).")
     if not 0.0 < config.fraction <= 1.0:
-        raise ValueError(f"--fraction must be in (0, 1] (the share of Gaussians selected), got {config.fraction}.")
+        raise ValueError(f"--fraction must be in (0, 1], got {config.fraction} (the share of Gaussians selected).")
     if config.vae_steps < 1:
         raise ValueError(f"--vae-steps must be at least 1, got {config.vae_steps}.")
     if not config.max_new_ratio > 0.0:
@@ -499,11 +499,11 @@ def refine_run(config: RefineConfig, pipeline=None) -> Refinement:
     """
     check_refine_config(config)
     if pipeline is None:
-        from nerfstudio.utils.eval_utils import eval_setup
-
         if not Path(config.load_config).is_file():
             raise RefinementUnavailable(f"{config.load_config} does not exist: pass the run's config.yml "
                                         "(the one ns-train wrote beside nerfstudio_models/).")
+        from nerfstudio.utils.eval_utils import eval_setup
+
         _, pipeline, _, step = eval_setup(Path(config.load_config), test_mode="val")
     else:
         step = getattr(pipeline.model, "step", None)

@@ -213,8 +213,8 @@ class TaggedFile:
         kinds = {"f": value.is_floating_point(), "b": value.dtype == torch.bool,
                  "i": not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool}
         if dtype_kind is not None and not kinds[dtype_kind]:
-            wanted = {"f": "floating point", "i": "integer", "b": "bool"}[dtype_kind]
-            self.fail(f"'{name}' is {value.dtype}, expected a {wanted} tensor")
+            wanted = {"f": "a floating point", "i": "an integer", "b": "a bool"}[dtype_kind]
+            self.fail(f"'{name}' is {value.dtype}, expected {wanted} tensor")
         if rows is not None and (value.ndim == 0 or value.shape[0] != rows):
             self.fail(f"'{name}' has shape {tuple(value.shape)}, expected {rows} rows")
         if finite and value.is_floating_point() and not bool(torch.isfinite(value).all()):
