@@ -17,10 +17,7 @@ from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
 from nerfstudio.plugins.types import MethodSpecification
 
 from gvae_ns.model import GaussianVAEModelConfig
-from gvae_ns.offline import allow_numpy_scalars
 from gvae_ns.trainer import GaussianVAETrainerConfig
-
-allow_numpy_scalars()
 
 _MODEL = GaussianVAEModelConfig()
 _TOTAL_STEPS = sum(_MODEL.stage_steps)
@@ -70,7 +67,8 @@ gaussianvae = MethodSpecification(
                 ),
             },
         },
-        viewer=ViewerConfig(num_rays_per_chunk=1 << 15),
+        # the viewer listens on this machine only; --viewer.websocket-host 0.0.0.0 opens it to the network
+        viewer=ViewerConfig(num_rays_per_chunk=1 << 15, websocket_host="127.0.0.1"),
         vis="viewer",
     ),
     description="Splatfacto through resolution stages + lineage GaussianVAE refinement past the trained resolution.",

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Optional, Set, Tuple, Union
 
 import numpy as np
+import pytorch_msssim
 import torch
-import torch.nn.functional as F
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 _WARNED: Set[str] = set()
@@ -49,35 +49,15 @@ def psnr(img: ArrayLike, ref: ArrayLike, data_range: float = 1.0) -> torch.Tenso
     return out[0] if single else out
 
 
-def _gaussian_window(size: int, sigma: float, channels: int, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    coords = torch.arange(size, dtype=like.dtype, device=like.device) - (size - 1) / 2
-    g = torch.exp(-(coords**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return g.view(1, 1, 1, size).repeat(channels, 1, 1, 1), g.view(1, 1, size, 1).repeat(channels, 1, 1, 1)
-
-
 def ssim(img: ArrayLike, ref: ArrayLike, data_range: float = 1.0, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """Structural similarity (Wang et al. 2004): ``window x window`` Gaussian of std ``sigma``, K1 = 0.01,
-    K2 = 0.03, averaged over the valid region (no padding) and channels, as in the reference MATLAB code
-    and scikit-image. torchmetrics (used by ns-eval) also averages over a reflection-padded border, so
-    its values differ slightly."""
+    """Structural similarity (Wang et al. 2004) from ``pytorch_msssim``, the implementation splatfacto's own
+    eval metric uses: ``window x window`` Gaussian of std ``sigma``, K1 = 0.01, K2 = 0.03, averaged over the
+    valid region (no padding) and channels, so ``ns-eval`` and ``gvae-bench`` report the same SSIM."""
     x, y, single = _batched(img, ref, "ssim")
     if min(x.shape[1:3]) < window:
         raise ValueError(f"ssim: images of {x.shape[2]}x{x.shape[1]} pixels are smaller than the {window}px window.")
-    c = x.shape[-1]
-    x, y = x.permute(0, 3, 1, 2), y.permute(0, 3, 1, 2)
-    gx, gy = _gaussian_window(window, sigma, c, x)
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.conv2d(t, gx, groups=c), gy, groups=c)
-
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x**2
-    var_y = blur(y * y) - mu_y**2
-    cov = blur(x * y) - mu_x * mu_y
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    out = ssim_map.flatten(1).mean(1)
+    out = pytorch_msssim.ssim(x.permute(0, 3, 1, 2), y.permute(0, 3, 1, 2), data_range=data_range,
+                              size_average=False, win_size=window, win_sigma=sigma)
     return out[0] if single else out
 
 

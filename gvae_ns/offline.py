@@ -3,17 +3,18 @@
 * nerfstudio 1.1.5 checkpoints hold numpy scalars (scheduler state), which PyTorch >= 2.6 rejects under its
   default ``weights_only=True`` load. :func:`to_weights_only_safe` converts a checkpoint dict to plain Python
   and tensors before it is written, so stock ``ns-viewer`` / ``ns-export`` / ``ns-eval`` load ours as they
-  are. :func:`allow_numpy_scalars` registers numpy's scalar types as safe globals, so checkpoints written
-  before that conversion still load.
+  are. Stock splatfacto checkpoints (numpy scalars inside) load weights-only too, inside
+  :func:`stock_checkpoint_loading`, which allows exactly the numpy globals they hold and only while it is open.
 * torchmetrics' LPIPS downloads AlexNet weights when it is built. :func:`make_lpips` builds it only when
   those weights are already on disk, and otherwise warns once and returns ``None``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -37,17 +38,20 @@ def to_weights_only_safe(obj: Any) -> Any:
     return obj
 
 
-def allow_numpy_scalars() -> None:
-    """Let ``torch.load(weights_only=True)`` accept numpy scalars (older nerfstudio checkpoints)."""
-    add = getattr(torch.serialization, "add_safe_globals", None)
-    if add is None:
-        return
-    safe = [np.dtype, np.core.multiarray.scalar] if hasattr(np, "core") else [np.dtype]
-    safe += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
-    try:
-        add(safe)
-    except Exception:  # an older torch without these hooks: nothing to register
-        pass
+def stock_checkpoint_globals() -> List[Any]:
+    """The non-tensor globals stock nerfstudio 1.1.5 checkpoints hold: numpy scalars (in the schedulers'
+    ``_last_lr``), i.e. numpy's scalar reconstructor, ``numpy.dtype`` and the float64 dtype class (what
+    ``torch.serialization.get_unsafe_globals_in_checkpoint`` and a load of one report)."""
+    multiarray = np.core.multiarray if hasattr(np, "core") else np._core.multiarray
+    return [multiarray.scalar, np.dtype, type(np.dtype("float64"))]
+
+
+@contextlib.contextmanager
+def stock_checkpoint_loading() -> Iterator[None]:
+    """While open, ``torch.load(weights_only=True)`` also accepts :func:`stock_checkpoint_globals` and nothing
+    else: how a stock splatfacto checkpoint is read without turning weights-only loading off."""
+    with torch.serialization.safe_globals(stock_checkpoint_globals()):
+        yield
 
 
 def lpips_weights_available() -> bool:

@@ -38,7 +38,11 @@ def _check_signal(name: str, value: Optional[torch.Tensor]) -> Optional[torch.Te
     if value.dim() != 1:
         raise ValueError(f"combine_scores: {name} must be [N] or [N, 3], got {tuple(value.shape)}")
     if not bool(torch.isfinite(value).all()):
-        raise ValueError(f"combine_scores: {name} has NaN or inf entries; zero them (no views seen) before scoring")
+        bad = int((~torch.isfinite(value)).sum())
+        raise ValueError(
+            f"selection scores: {name} is NaN or infinite for {bad} of {value.numel()} Gaussians, so the checkpoint's "
+            "Gaussians or their renders are not finite (a diverged run). Retrain with lower learning rates; a "
+            "Gaussian no training view sees scores 0, not NaN.")
     if bool((value < 0).any()):
         raise ValueError(f"combine_scores: {name} must be non-negative (a norm or a sum of squares)")
     return value.float()

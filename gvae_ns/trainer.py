@@ -1,29 +1,38 @@
 """The nerfstudio trainer for gaussianvae: input checks, safe checkpoints, lineage file, refinement phase.
 
-It changes four things in nerfstudio's ``Trainer``, all at its existing seams:
+It changes five things in nerfstudio's ``Trainer``, all at its existing seams:
 
-* ``save_config`` (called by ``ns-train`` before anything trains) first checks the data directory, the stage
-  schedule and the device, and stops with a one-paragraph message naming the field and the fix;
-* checkpoints are written atomically and without numpy objects, so PyTorch >= 2.6 loads them with its
-  default ``weights_only=True`` (stock ``ns-viewer`` / ``ns-export`` / ``ns-eval`` need no flags);
+* ``save_config`` (called by ``ns-train`` before anything trains) checks the device, the stage schedule,
+  the refinement options and every frame of the dataset (:mod:`gvae_ns.data_checks`), and stops with a
+  one-paragraph message and exit status 2 naming the field or file and the fix;
+* checkpoints are written atomically (fsynced) and without numpy objects, so PyTorch >= 2.6 loads them with
+  its default ``weights_only=True`` (stock ``ns-viewer`` / ``ns-export`` / ``ns-eval`` need no flags);
 * each checkpoint save also writes the run's lineage file (``<run>/lineage.npz``); the checkpoint itself
   carries the recorder's state, so resuming continues the same lineage;
-* after the last step, the VAE is trained on the lineage and the scene refined (``refine_after_training``).
+* a loss or parameter group that turns NaN / infinite stops training at that step, before anything is saved;
+* refinement (decoder training, selection, extrapolation) is an ``AFTER_TRAIN`` training callback, which
+  nerfstudio runs before the viewer's endless completion loop: with ``--vis viewer`` the refined scene is on
+  screen when training ends; with ``--vis tensorboard`` the run exits afterwards.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Type
+from typing import Dict, Literal, NoReturn, Optional, Type
 
 import torch
+from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
+from nerfstudio.utils.decorators import check_main_thread
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from gvae_ns.atomic import torch_save_atomic
+from gvae_ns.data_checks import DataCheckError, check_dataset
 from gvae_ns.offline import to_weights_only_safe
+from gvae_ns.refine import RefineConfig, refine_run
 from gvae_ns.stages import StageSchedule, StageScheduleError
 
 LINEAGE_FILE = "lineage.npz"
@@ -31,6 +40,17 @@ LINEAGE_FILE = "lineage.npz"
 
 class RunConfigError(ValueError):
     """A gaussianvae run that cannot start; the message names the field and the fix."""
+
+
+USAGE_ERROR = 2
+"""Exit status of a run refused before training (bad option or bad input), as argparse / tyro use."""
+
+
+def exit_with_message(message: str, code: int = USAGE_ERROR) -> NoReturn:
+    """Print ``message`` as one paragraph on stderr (no traceback) and exit with ``code``."""
+    sys.stderr.write(message.rstrip() + "\n")
+    sys.stderr.flush()
+    raise SystemExit(code)
 
 
 @dataclass
@@ -43,8 +63,8 @@ class GaussianVAETrainerConfig(TrainerConfig):
         """Check the run before anything trains, record the run directory, then save ``config.yml``."""
         try:
             check_run_config(self)
-        except (RunConfigError, StageScheduleError) as err:
-            raise SystemExit(f"ns-train gaussianvae: {err}") from None
+        except (RunConfigError, StageScheduleError, DataCheckError) as err:
+            exit_with_message(f"ns-train gaussianvae: {err}")
         self.pipeline.model.run_dir = self.get_base_dir()
         super().save_config()
 
@@ -56,7 +76,7 @@ def _data_dir(config: TrainerConfig) -> Optional[Path]:
 
 
 def check_run_config(config: TrainerConfig) -> None:
-    """Raise :class:`RunConfigError` / ``StageScheduleError`` for a run that cannot train."""
+    """Raise :class:`RunConfigError` / ``StageScheduleError`` / ``DataCheckError`` for a run that cannot train."""
     model = config.pipeline.model
     schedule = StageSchedule(tuple(model.stage_downscales), tuple(model.stage_steps))
     bounds = schedule.boundaries
@@ -81,44 +101,57 @@ def check_run_config(config: TrainerConfig) -> None:
         raise RunConfigError("no data directory given: pass --data <dir> (or blender-data --data <dir>).")
     if not data.exists():
         raise RunConfigError(f"data directory {data} does not exist: check --data (or the dataparser's --data).")
-    _check_data_files(config, data, schedule)
+    dataparser = config.pipeline.datamanager.dataparser
+    size = check_dataset(type(dataparser).__name__, data, dataparser)
+    if size is not None:
+        schedule.check_image_size(size[0], size[1], str(data))
+    check_refine_options(model, schedule, _expected_gaussians(model, data))
 
 
-def _check_data_files(config: TrainerConfig, data: Path, schedule: StageSchedule) -> None:
-    parser = type(config.pipeline.datamanager.dataparser).__name__
-    if parser == "BlenderDataParserConfig":
-        names = ["transforms_train.json", "transforms_val.json", "transforms_test.json"]
-    elif parser == "NerfstudioDataParserConfig":
-        names = [data.name] if data.suffix == ".json" else ["transforms.json"]
-        data = data.parent if data.suffix == ".json" else data
-    else:
+def check_refine_options(model, schedule: StageSchedule, expected_gaussians: int) -> None:
+    """Raise :class:`RunConfigError` for refinement options that would fail (or do nothing) after training."""
+    if not model.refine_after_training:
         return
-    for name in names:
-        path = data / name
-        if not path.is_file():
-            hint = " (Blender-format data wants transforms_{train,val,test}.json)" if "train" in name else ""
-            raise RunConfigError(f"{path} is missing{hint}. Point --data at a dataset directory, or pick the "
-                                 "matching dataparser subcommand (blender-data, nerfstudio-data, colmap).")
-        try:
-            meta = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise RunConfigError(f"{path} is not valid JSON ({err}); regenerate or fix the file.") from None
-        frames = meta.get("frames") if isinstance(meta, dict) else None
-        if not frames:
-            raise RunConfigError(f"{path} has no 'frames' list: it is not a camera transforms file.")
-        if parser == "BlenderDataParserConfig" and "train" in name:
-            _check_blender_image_size(path, data, frames[0], schedule)
+    fix_off = " (or turn refinement off with --pipeline.model.refine-after-training False)"
+    if isinstance(model.refine_steps, bool) or not 1 <= int(model.refine_steps) <= 4:
+        raise RunConfigError(f"--pipeline.model.refine-steps is {model.refine_steps}: extrapolation takes 1..4 "
+                             f"steps (one resolution doubling each){fix_off}.")
+    if not 0.0 < float(model.refine_fraction) <= 1.0:
+        raise RunConfigError(f"--pipeline.model.refine-fraction is {model.refine_fraction}: it is the share of "
+                             f"Gaussians refined and must be in (0, 1]{fix_off}.")
+    if int(model.refine_vae_steps) < 1:
+        raise RunConfigError(f"--pipeline.model.refine-vae-steps is {model.refine_vae_steps}: the VAE needs at "
+                             f"least one optimiser step{fix_off}.")
+    if schedule.num_stages < 2:
+        raise RunConfigError(
+            f"--pipeline.model.stage-downscales {' '.join(map(str, schedule.downscales))} is one stage, but "
+            "refinement learns from how Gaussians change between stages: give at least two (e.g. 4 2 1)"
+            f"{fix_off}.")
+    if model.refine_select != "all" and round(float(model.refine_fraction) * expected_gaussians) == 0:
+        raise RunConfigError(
+            f"--pipeline.model.refine-fraction {model.refine_fraction} of the about {expected_gaussians} Gaussians "
+            f"this scene starts with selects none: raise it to at least {1.0 / max(expected_gaussians, 1):.2g}, "
+            f"or use --pipeline.model.refine-select all{fix_off}.")
 
 
-def _check_blender_image_size(path: Path, data: Path, frame: dict, schedule: StageSchedule) -> None:
-    from PIL import Image
-
-    image = data / f"{frame.get('file_path', '')}.png"
-    if not image.is_file():
-        raise RunConfigError(f"{path}: first frame's image {image} does not exist; the dataset is incomplete.")
-    with Image.open(image) as im:
-        width, height = im.size
-    schedule.check_image_size(width, height, str(image))
+def _expected_gaussians(model, data: Path) -> int:
+    """Gaussians the scene starts with: the seed point cloud's size, else splatfacto's random count."""
+    if model.random_init:
+        return int(model.num_random)
+    transforms = data if data.suffix == ".json" else data / "transforms.json"
+    try:
+        ply_name = json.loads(transforms.read_text()).get("ply_file_path") if transforms.is_file() else None
+        ply = transforms.parent / ply_name if ply_name else None
+        if ply is not None and ply.is_file():
+            with open(ply, "rb") as f:
+                for line in f:
+                    if line.startswith(b"element vertex"):
+                        return int(line.split()[-1])
+                    if line.startswith(b"end_header"):
+                        break
+    except (OSError, ValueError):
+        pass
+    return int(model.num_random)
 
 
 class GaussianVAETrainer(Trainer):
@@ -139,6 +172,11 @@ class GaussianVAETrainer(Trainer):
         without this a resumed run fails at its first refinement.
         """
         super()._load_checkpoint()
+        if self.config.load_checkpoint is not None:
+            self.last_checkpoint = Path(self.config.load_checkpoint)
+        elif self.config.load_dir is not None:
+            loaded = sorted(Path(self.config.load_dir).glob("step-*.ckpt"))
+            self.last_checkpoint = loaded[-1] if loaded else None
         groups = self.pipeline.get_param_groups()
         for name, optimizer in self.optimizers.optimizers.items():
             new_params = groups.get(name)
@@ -152,8 +190,14 @@ class GaussianVAETrainer(Trainer):
                 group["params"] = list(new_params[: len(old_params)])
             self.optimizers.parameters[name] = list(new_params)
 
+    @check_main_thread
     def save_checkpoint(self, step: int) -> None:
-        """Write ``step-*.ckpt`` atomically, weights-only loadable, and the lineage file beside the run."""
+        """Write ``step-*.ckpt`` atomically, weights-only loadable, and the lineage file beside the run.
+
+        One writer under DDP (nerfstudio's ``check_main_thread``); the lineage file is written after the
+        checkpoint, so a crash between the two leaves an older lineage that the checkpoint's own copy of the
+        recorder state supersedes on resume.
+        """
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         ckpt_path = self.checkpoint_dir / f"step-{step:09d}.ckpt"
         state = {
@@ -165,29 +209,73 @@ class GaussianVAETrainer(Trainer):
         }
         # the temporary file goes beside the run: nerfstudio parses every name in nerfstudio_models as a step
         torch_save_atomic(to_weights_only_safe(state), ckpt_path, tmp_dir=self.base_dir)
+        self.last_checkpoint = ckpt_path
         if self.config.save_only_latest_checkpoint:
             for old in self.checkpoint_dir.glob("step-*.ckpt"):
                 if old != ckpt_path:
                     old.unlink()
         self.pipeline.model.save_lineage(self.lineage_path)
 
-    def train(self) -> None:
-        """Train through the stages, then (by default) train the VAE and refine."""
-        super().train()
+    # ------------------------------------------------------------------ training
+    def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
+        """nerfstudio's set-up, plus the refinement as an ``AFTER_TRAIN`` callback.
+
+        nerfstudio runs ``AFTER_TRAIN`` callbacks right after the final checkpoint and before the viewer's
+        completion loop (which never returns), so the refinement runs with ``--vis viewer`` too and the
+        viewer shows the refined scene as soon as training ends.
+        """
+        self.last_checkpoint: Optional[Path] = None
+        super().setup(test_mode=test_mode)
+        self.callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN], self.refine_after_training))
+
+    def train_iteration(self, step: int):  # type: ignore[override]
+        """One nerfstudio iteration, then stop at once if the loss or a parameter group is not finite."""
+        loss, loss_dict, metrics_dict = super().train_iteration(step)
+        self._check_finite(step, loss, loss_dict)
+        return loss, loss_dict, metrics_dict
+
+    def _check_finite(self, step: int, loss: torch.Tensor, loss_dict: Dict[str, torch.Tensor]) -> None:
+        groups = self.pipeline.get_param_groups()
+        names = [f"loss {k}" for k in loss_dict] + list(groups)
+        flags = [torch.isfinite(v.detach()).all() for v in loss_dict.values()]
+        flags += [torch.stack([torch.isfinite(p.detach()).all() for p in params]).all() if params
+                  else torch.ones((), dtype=torch.bool, device=loss.device) for params in groups.values()]
+        ok = torch.stack([f.to(loss.device) for f in flags]).cpu()
+        if bool(ok.all()):
+            return
+        bad = [name for name, good in zip(names, ok.tolist()) if not good]
+        groups_bad = [name for name in bad if not name.startswith("loss ")]
+        lr_flag = f"--optimizers.{groups_bad[0]}.optimizer.lr" if groups_bad else "--optimizers.<group>.optimizer.lr"
+        last = self.last_checkpoint
+        kept = (f"The last good checkpoint is {last}; resume from it with --load-dir {last.parent}"
+                if last is not None else "No checkpoint was written before it")
+        exit_with_message(
+            f"ns-train gaussianvae: training diverged at step {step}: {', '.join(bad)} became NaN or infinite. "
+            f"Nothing was saved after it. {kept}, and lower that group's learning rate ({lr_flag}) or check the "
+            "input images for broken pixels.",
+            code=1,
+        )
+
+    def refine_after_training(self, step: int) -> None:
+        """The ``AFTER_TRAIN`` phase: train the decoder on the lineage, select, extrapolate, write
+        ``refinement.pt`` and show it (viewer and exporter)."""
         model = self.pipeline.model
         if self.stop_training or not model.config.refine_after_training:
             return
-        from gvae_ns.refine import RefineConfig, refine_run
-
         CONSOLE.rule("GaussianVAE refinement")
-        refine_run(
-            RefineConfig(
-                load_config=self.base_dir / "config.yml",
-                steps=model.config.refine_steps,
-                select=model.config.refine_select,
-                fraction=model.config.refine_fraction,
-                vae_steps=model.config.refine_vae_steps,
-                retrain_vae=True,
-            ),
-            pipeline=self.pipeline,
+        config = RefineConfig(
+            load_config=self.base_dir / "config.yml",
+            steps=model.config.refine_steps,
+            select=model.config.refine_select,
+            fraction=model.config.refine_fraction,
+            vae_steps=model.config.refine_vae_steps,
+            retrain_vae=True,
         )
+        with self.train_lock:
+            refinement = refine_run(config, pipeline=self.pipeline)
+            controls = getattr(model, "refinement_controls", None)
+            if controls is not None:
+                controls.sync()
+        if self.viewer_state is not None and hasattr(self.viewer_state, "_trigger_rerender"):
+            self.viewer_state._trigger_rerender()  # nerfstudio's own re-render of every client
+        CONSOLE.print(f"[bold green]Refined scene: {refinement.describe()}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gvae_ns.bench import evaluate_pipeline, load_pipeline
+from gvae_ns.bench.evaluate import evaluate_pipeline, load_pipeline
 from gvae_ns.refine import RefineConfig, build_refiner
 
 

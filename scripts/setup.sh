@@ -20,5 +20,5 @@ if ! .venv/bin/python -c "import nerfstudio, gsplat, viser, pytest" >/dev/null 2
   .venv/bin/pip install -q --upgrade pip setuptools wheel
   .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1 nerfstudio==1.1.5 gsplat==1.4.0 viser==0.2.7 pytest
 fi
-.venv/bin/pip install -q --no-deps --no-build-isolation -e .
+.venv/bin/pip install -q --no-build-isolation -e ".[test]"   # dependencies resolved, so pyproject's list is exercised
 echo "gvae-ns is set up in $(pwd)/.venv"

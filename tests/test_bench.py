@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from gvae_ns import bench
-from gvae_ns.bench import BenchConfig, BenchError, SceneConfig
+from gvae_ns.bench import config, evaluate, plan, refine as bench_refine, report, run, train
+from gvae_ns.bench.config import BenchConfig, BenchError, SceneConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _tiny_config(output: Path) -> BenchConfig:
     """The CPU suite (configs/bench-cpu.yaml) shrunk for CI: 32 px scene, 60 steps, one baseline, +1 Hessian,
     no oracle (the oracle is the baseline's code path on the full-resolution copy)."""
-    suite = bench.load_suite(ROOT / "configs" / "bench-cpu.yaml")
+    suite = config.load_suite(ROOT / "configs" / "bench-cpu.yaml")
     return dataclasses.replace(
         suite,
         name="tiny",
@@ -54,7 +54,7 @@ def _tiny_config(output: Path) -> BenchConfig:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     cfg = _tiny_config(tmp_path_factory.mktemp("bench") / "out")
-    results = bench.run_bench(cfg, log=lambda *_: None)
+    results = run.run_bench(cfg, log=lambda *_: None)
     return cfg, results
 
 
@@ -82,11 +82,11 @@ def _fake_results() -> dict:
 
 
 def test_format_table_from_fake_results():
-    text = bench.format_table(_fake_results())
+    text = report.format_table(_fake_results())
     lines = text.splitlines()
     assert lines[0] == "# fake suite"
     header = next(line for line in lines if line.startswith("| scale"))
-    assert header.count("|") == len(bench._COLUMNS) + 3
+    assert header.count("|") == len(report._COLUMNS) + 3
     table = [line for line in lines if line.startswith("| ") and not line.startswith("| scale")]
     assert [line.split(" | ")[1] for line in table] == ["splatfacto classic", "Ours +2", "oracle"]
     ours = next(line for line in table if "Ours +2" in line)
@@ -102,29 +102,29 @@ def test_format_table_from_fake_results():
 
 
 def test_suite_files_and_command_line(tmp_path):
-    cfg = bench.load_suite(ROOT / "configs" / "bench-cpu.yaml")
+    cfg = config.load_suite(ROOT / "configs" / "bench-cpu.yaml")
     assert cfg.factors == (2,) and cfg.scene.resolution == 64 and cfg.steps >= 100
     assert "--pipeline.model.num-random" in cfg.train_args.split()
-    gpu = bench.load_suite(ROOT / "configs" / "bench-lego-gpu.yaml")
+    gpu = config.load_suite(ROOT / "configs" / "bench-lego-gpu.yaml")
     assert gpu.factors == (2, 4) and gpu.baseline_impl == "splatfacto" and gpu.data is not None
     assert cfg.refine_decoders == gpu.refine_decoders == ("temporal", "generative")
-    bench.check_config(cfg)
-    bench.check_config(gpu)
-    over = bench.parse_args(["--config", str(ROOT / "configs" / "bench-cpu.yaml"), "--steps", "40",
+    config.check_config(cfg)
+    config.check_config(gpu)
+    over = run.parse_args(["--config", str(ROOT / "configs" / "bench-cpu.yaml"), "--steps", "40",
                              "--scene.resolution", "48", "--refine-args=--vae-steps 20"])
     assert (over.steps, over.scene.resolution, over.refine_args) == (40, 48, "--vae-steps 20")
     assert over.train_args == cfg.train_args, "flags not given keep the suite's values"
     bad = tmp_path / "bad.yaml"
     bad.write_text("steps: 10\nstepz: 3\n")
     with pytest.raises(BenchError, match=r"bad.yaml.*stepz"):
-        bench.load_suite(bad)
+        config.load_suite(bad)
     bad.write_text("scene: {resolution: big}\n")
     with pytest.raises(BenchError, match="resolution must be an integer"):
-        bench.load_suite(bad)
-    assert bench.stage_steps(300, (0.25, 0.25, 0.5)) == (75, 75, 150)
-    assert sum(bench.stage_steps(7, (1, 1, 1))) == 7 and min(bench.stage_steps(3, (0.1, 0.1, 5))) == 1
+        config.load_suite(bad)
+    assert plan.stage_steps(300, (0.25, 0.25, 0.5)) == (75, 75, 150)
+    assert sum(plan.stage_steps(7, (1, 1, 1))) == 7 and min(plan.stage_steps(3, (0.1, 0.1, 5))) == 1
     with pytest.raises(BenchError, match="must end at 1"):
-        bench.check_config(BenchConfig(ours_downscales=(4, 2), ours_stage_fractions=(0.5, 0.5)))
+        config.check_config(BenchConfig(ours_downscales=(4, 2), ours_stage_fractions=(0.5, 0.5)))
 
 
 def test_generative_decoder_rows(tmp_path, monkeypatch):
@@ -134,7 +134,7 @@ def test_generative_decoder_rows(tmp_path, monkeypatch):
     cfg = BenchConfig(output=tmp_path / "out", baselines=(), oracle=False, refine_steps=(2,),
                       refine_selects=("all", "hessian"), refine_decoders=("temporal", "generative"),
                       refine_args="--vae-steps 7")
-    _, rows = bench.plan(cfg, tmp_path / "scene", {2: tmp_path / "x2"})
+    _, rows = plan.plan(cfg, tmp_path / "scene", {2: tmp_path / "x2"})
     assert [(r.name, r.label, r.refine_decoder) for r in rows[1:]] == [
         ("ours-all-p2-x2", "Ours +2", "temporal"),
         ("ours-hessian-p2-x2", "Ours-nabla2 +2", "temporal"),
@@ -142,36 +142,36 @@ def test_generative_decoder_rows(tmp_path, monkeypatch):
         ("ours-hessian-p2-gd-x2", "Ours-nabla2 (GD head) +2", "generative"),
     ]
     temporal, generative = rows[1], rows[3]
-    run = tmp_path / "run"
-    run.mkdir()
-    built = bench.refine_config(cfg, generative, run / "config.yml")
+    run_dir = tmp_path / "run_dir"
+    run_dir.mkdir()
+    built = bench_refine.refine_config(cfg, generative, run_dir / "config.yml")
     assert (built.decoder, built.select, built.steps, built.vae_steps) == ("generative", "all", 2, 7)
-    assert built.output == bench.refinement_path(cfg.output, generative)
-    assert bench.refine_config(cfg, temporal, run / "config.yml").decoder == "temporal"
-    record = {"config": str(run / "config.yml"), "fingerprint": "f", "finished_at": 1.0}
-    assert bench._refine_fingerprint(cfg, generative, record) != bench._refine_fingerprint(cfg, temporal, record)
+    assert built.output == bench_refine.refinement_path(cfg.output, generative)
+    assert bench_refine.refine_config(cfg, temporal, run_dir / "config.yml").decoder == "temporal"
+    record = {"config": str(run_dir / "config.yml"), "fingerprint": "f", "finished_at": 1.0}
+    assert bench_refine._refine_fingerprint(cfg, generative, record) != bench_refine._refine_fingerprint(cfg, temporal, record)
     with pytest.raises(BenchError, match="refine_decoders"):
-        bench.refine_config(dataclasses.replace(cfg, refine_args="--decoder temporal"), generative, run / "config.yml")
+        bench_refine.refine_config(dataclasses.replace(cfg, refine_args="--decoder temporal"), generative, run_dir / "config.yml")
 
     def fake_refine_run(config, pipeline=None):  # writes what refine_run would, without training
         name = DENSIFY_HEAD_FILE if config.decoder == "generative" else refine.VAE_FILE
-        (run / name).write_bytes(b"decoder")
+        (run_dir / name).write_bytes(b"decoder")
         torch.save({}, config.output)
 
     monkeypatch.setattr(refine, "refine_run", fake_refine_run)
-    made = [bench.refine_row(cfg, row, record)["includes_vae_training"] for row in (generative, rows[4], temporal)]
+    made = [bench_refine.refine_row(cfg, row, record)["includes_vae_training"] for row in (generative, rows[4], temporal)]
     assert made == [True, False, True], "each decoder's file is trained once per run, the first time it is needed"
 
 
 def test_bad_dataset_paths_are_reported(tmp_path, capsys):
     missing = tmp_path / "no-such-dataset"
-    assert bench.main(["--data", str(missing), "--output", str(tmp_path / "out")]) == 2
+    assert run.main(["--data", str(missing), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert str(missing) in err and "does not exist" in err
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "transforms_train.json").write_text("{}")
-    assert bench.main(["--data", str(broken), "--output", str(tmp_path / "out")]) == 2
+    assert run.main(["--data", str(broken), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "transforms_train.json" in err and "camera_angle_x" in err
 
@@ -180,25 +180,25 @@ def test_crop_figure_size_and_content(tmp_path):
     rng = np.random.default_rng(0)
     ref = np.full((40, 48, 3), 200, np.uint8)
     ref[20:30, 4:14] = rng.integers(0, 255, (10, 10, 3))  # the only detail
-    assert bench.pick_crop(ref, 10) == (20, 4)
+    assert report.pick_crop(ref, 10) == (20, 4)
     Image.fromarray(ref).save(tmp_path / "gt.png")
     other = np.zeros_like(ref)
     Image.fromarray(other).save(tmp_path / "black.png")
     grid = [[("a", tmp_path / "black.png"), ("missing", None), ("gt", tmp_path / "gt.png")],
             [("wrong size", tmp_path / "small.png"), ("gt", tmp_path / "gt.png")]]
     Image.fromarray(ref[:20]).save(tmp_path / "small.png")
-    out = bench.crop_figure(grid, tmp_path / "gt.png", tmp_path / "fig.png", crop_px=10, tile_px=45)
+    out = report.crop_figure(grid, tmp_path / "gt.png", tmp_path / "fig.png", crop_px=10, tile_px=45)
     fig = np.asarray(Image.open(out).convert("RGB"))
     tile = 10 * 4  # zoom = 45 // 10
-    assert (fig.shape[1], fig.shape[0]) == bench.figure_size(2, 3, tile)
-    top = bench.TILE_PAD + bench.TILE_CAPTION
-    left = lambda c: bench.TILE_PAD + c * (tile + bench.TILE_PAD)  # noqa: E731
+    assert (fig.shape[1], fig.shape[0]) == report.figure_size(2, 3, tile)
+    top = report.TILE_PAD + report.TILE_CAPTION
+    left = lambda c: report.TILE_PAD + c * (tile + report.TILE_PAD)  # noqa: E731
     expected_gt = np.asarray(Image.fromarray(ref[20:30, 4:14]).resize((tile, tile), Image.NEAREST))
     np.testing.assert_array_equal(fig[top : top + tile, left(2) : left(2) + tile], expected_gt)
     assert (fig[top : top + tile, left(0) : left(0) + tile] == 0).all()
-    assert (fig[top : top + tile, left(1) : left(1) + tile] == bench.BLIND_SPOT).all()
-    second = top + tile + bench.TILE_PAD + bench.TILE_CAPTION
-    assert (fig[second : second + tile, left(0) : left(0) + tile] == bench.BLIND_SPOT).all()
+    assert (fig[top : top + tile, left(1) : left(1) + tile] == report.BLIND_SPOT).all()
+    second = top + tile + report.TILE_PAD + report.TILE_CAPTION
+    assert (fig[second : second + tile, left(0) : left(0) + tile] == report.BLIND_SPOT).all()
 
 
 def test_tiny_benchmark_end_to_end(tiny):
@@ -227,19 +227,19 @@ def test_tiny_benchmark_end_to_end(tiny):
     assert "| x2 | splatfacto classic (CPU renderer) |" in table and "| x2 | Ours-nabla2 +1 |" in table
     fig = np.asarray(Image.open(out / "crops.png").convert("RGB"))
     tile = 8 * (64 // 8)
-    assert (fig.shape[1], fig.shape[0]) == bench.figure_size(1, 4, tile)
-    top, oracle_left = bench.TILE_PAD + bench.TILE_CAPTION, bench.TILE_PAD + 2 * (tile + bench.TILE_PAD)
-    assert (fig[top : top + tile, oracle_left : oracle_left + tile] == bench.BLIND_SPOT).all(), "no oracle run"
-    assert not (fig[top : top + tile, bench.TILE_PAD : bench.TILE_PAD + tile] == bench.BLIND_SPOT).all()
+    assert (fig.shape[1], fig.shape[0]) == report.figure_size(1, 4, tile)
+    top, oracle_left = report.TILE_PAD + report.TILE_CAPTION, report.TILE_PAD + 2 * (tile + report.TILE_PAD)
+    assert (fig[top : top + tile, oracle_left : oracle_left + tile] == report.BLIND_SPOT).all(), "no oracle run"
+    assert not (fig[top : top + tile, report.TILE_PAD : report.TILE_PAD + tile] == report.BLIND_SPOT).all()
 
 
 def test_evaluation_of_a_trained_run(tiny):
     cfg, results = tiny
     row = results["rows"][0]
     points = np.load(cfg.output.resolve() / "data" / "scene" / "points_gt.npy")
-    pipeline = bench.load_pipeline(row["config"])
+    pipeline = evaluate.load_pipeline(row["config"])
     model = pipeline.model
-    first = bench.evaluate_pipeline(pipeline, points_gt=points, lpips=False, brisque=False)
+    first = evaluate.evaluate_pipeline(pipeline, points_gt=points, lpips=False, brisque=False)
     assert first["psnr"] == pytest.approx(row["metrics"]["psnr"], abs=1e-4), "same render, same score"
     n = model.gauss_params["means"].shape[0]
     assert first["num_gaussians"] == n
@@ -255,13 +255,13 @@ def test_evaluation_of_a_trained_run(tiny):
     refined = {k: torch.cat([params[k], far[k]]) for k in params}
     is_new = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(extra, dtype=torch.bool)])
     model.set_refinement(refined, is_new, note="test")
-    second = bench.evaluate_pipeline(pipeline, points_gt=points, lpips=False, brisque=False)
+    second = evaluate.evaluate_pipeline(pipeline, points_gt=points, lpips=False, brisque=False)
     assert second["num_gaussians"] == n + extra
     assert second["psnr"] == pytest.approx(first["psnr"], abs=1e-3), "transparent Gaussians change no pixel"
     assert second["chamfer_opaque"] == pytest.approx(first["chamfer_opaque"], rel=1e-6)
     assert second["chamfer_all"] > first["chamfer_all"] + 1.0, "far centres count in the all-Gaussian Chamfer"
-    assert bench.attach_refinement(model, None) == {}
-    assert bench.evaluate_pipeline(pipeline, max_views=1, lpips=False, brisque=False)["num_gaussians"] == n
+    assert evaluate.attach_refinement(model, None) == {}
+    assert evaluate.evaluate_pipeline(pipeline, max_views=1, lpips=False, brisque=False)["num_gaussians"] == n
 
 
 def test_second_run_resumes_without_training(tiny, monkeypatch):
@@ -273,30 +273,30 @@ def test_second_run_resumes_without_training(tiny, monkeypatch):
 
     monkeypatch.setattr(subprocess, "Popen", no_training)
     evaluated = []
-    real_evaluate = bench.evaluate_pipeline
-    monkeypatch.setattr(bench, "evaluate_pipeline", lambda *a, **k: evaluated.append(1) or real_evaluate(*a, **k))
-    again = bench.run_bench(cfg, log=lambda *_: None)
+    real_evaluate = evaluate.evaluate_pipeline
+    monkeypatch.setattr(run, "evaluate_pipeline", lambda *a, **k: evaluated.append(1) or real_evaluate(*a, **k))
+    again = run.run_bench(cfg, log=lambda *_: None)
     assert evaluated == [] and again["rows"] == results["rows"]
 
     (out / "rows" / "ours-hessian-p1-x2.json").unlink()
-    again = bench.run_bench(cfg, log=lambda *_: None)
+    again = run.run_bench(cfg, log=lambda *_: None)
     assert len(evaluated) == 1, "only the row without a result is evaluated"
     assert again["rows"][-1]["metrics"]["psnr"] == pytest.approx(results["rows"][-1]["metrics"]["psnr"], abs=1e-4)
 
     made = json.loads((out / "refinements" / "ours-hessian-p1-x2.json").read_text())["made_at"]
     (out / "refinements" / "ours-hessian-p1-x2.pt").unlink()
-    again = bench.run_bench(cfg, log=lambda *_: None)
+    again = run.run_bench(cfg, log=lambda *_: None)
     assert len(evaluated) == 2, "a refinement made again is evaluated again"
     redone = json.loads((out / "refinements" / "ours-hessian-p1-x2.json").read_text())
     assert redone["made_at"] > made and not redone["includes_vae_training"], "the run's VAE is reused"
     assert again["rows"][-1]["status"] == "ok" and again["rows"][:2] == results["rows"][:2]
 
     changed = dataclasses.replace(cfg, steps=cfg.steps + 1)
-    runs, rows = bench.plan(changed, out / "data" / "scene", {2: out / "data" / "x2"})
-    assert all(bench.trained(changed, spec) is None for spec in runs), "changed settings retrain"
+    runs, rows = plan.plan(changed, out / "data" / "scene", {2: out / "data" / "x2"})
+    assert all(train.trained(changed, spec) is None for spec in runs), "changed settings retrain"
     record = json.loads((out / "runs" / "ours-x2" / "train.json").read_text())
     other_select = dataclasses.replace(cfg, refine_fraction=0.5)
-    assert bench.refined(cfg, rows[2], record) is not None and bench.refined(other_select, rows[2], record) is None
+    assert bench_refine.refined(cfg, rows[2], record) is not None and bench_refine.refined(other_select, rows[2], record) is None
 
 
 def test_time_budget_leaves_work_for_the_next_call(tmp_path, monkeypatch):
@@ -304,7 +304,7 @@ def test_time_budget_leaves_work_for_the_next_call(tmp_path, monkeypatch):
     cfg = _tiny_config(tmp_path / "out")
     cfg.scene = SceneConfig(resolution=16, n_train=2, n_val=1, n_test=1, n_points=10, supersample=1)
     cfg.time_budget_s = 0.0
-    results = bench.run_bench(cfg, log=lambda *_: None)
+    results = run.run_bench(cfg, log=lambda *_: None)
     assert not results["complete"]
     assert {r["status"] for r in results["rows"]} == {"pending"}
     assert "not trained yet" in (tmp_path / "out" / "results.md").read_text()

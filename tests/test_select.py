@@ -44,7 +44,7 @@ def test_a_signal_without_information_leaves_the_other_to_decide():
         (None, None, "all", "to know N"),
         (torch.ones(3), torch.ones(4), "hessian", "3 Gaussians but hessian has 4"),
         (torch.tensor([1.0, -1.0]), None, "grad", "non-negative"),
-        (torch.tensor([1.0, float("nan")]), None, "grad", "NaN or inf"),
+        (torch.tensor([1.0, float("nan")]), None, "grad", "NaN or infinite for 1 of 2"),
         (torch.ones(3, 2), None, "grad", r"\[N\] or \[N, 3\]"),
     ],
 )

@@ -56,7 +56,6 @@ naming the file and the problem, for anything it cannot trust.
 
 from __future__ import annotations
 
-import os
 import zipfile
 import zlib
 from dataclasses import dataclass, fields
@@ -327,9 +326,7 @@ def save_lineage(lineage: Lineage, path: Union[str, Path], *, float16: bool = Fa
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
+            np.savez(f, **arrays)  # atomic_write fsyncs the file and its directory
 
     return atomic_write(path, write)
 

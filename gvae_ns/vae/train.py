@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -104,6 +104,7 @@ def train_vae(
     config: Optional[VAETrainConfig] = None,
     device: Union[str, torch.device] = "cpu",
     seed: int = 0,
+    progress: Optional[Callable[[int, Optional[Dict[str, float]]], None]] = None,
 ) -> Tuple[GaussianVAE, Dict[str, Any]]:
     """Fit a GaussianVAE to ``transitions``; returns ``(model in eval mode, history)``.
 
@@ -111,7 +112,8 @@ def train_vae(
     :func:`~gvae_ns.vae.losses.vae_loss`: ``total``, ``recon``, ``recon_prior`` (when used), ``kl``,
     ``prior``, ``mse``, ``chamfer``, ``shape``, ``exist``) and run facts (``seconds``, ``transitions``,
     ``coarse_transitions``, ``dropped_children``, ``history_window``, ``parameters``). Deterministic for
-    a seed on a given device; the caller's global RNG state is left untouched."""
+    a seed on a given device; the caller's global RNG state is left untouched. ``progress(done, losses)`` (e.g.
+    :func:`gvae_ns.progress.phase`'s) is called at every logged step."""
     config = config or VAETrainConfig()
     device = torch.device(device)
     history, history_mask, children, children_mask, stage = _check_transitions(transitions)
@@ -188,6 +190,8 @@ def train_vae(
             for key in _LOGGED[3:]:
                 if key in terms:
                     log[key].append(float(terms[key].detach()))
+            if progress is not None:
+                progress(step + 1, {k: log[k][-1] for k in ("total", "mse", "kl") if k in terms})
             if not torch.isfinite(terms["total"]):
                 raise FloatingPointError(f"train_vae: loss became non-finite at step {step}; lower VAETrainConfig.lr")
     log.update(

@@ -1,0 +1,138 @@
+"""gvae-bench planning: which runs to train and which rows to score, and the data they need."""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import shutil
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from gvae_ns.bench.config import BenchConfig, BenchError, RowSpec, RunSpec, read_json
+from gvae_ns.datasets import check_blender_dir, downscale_blender, write_json
+from gvae_ns.synthetic import write_scene
+
+_SELECT_LABEL = {"all": "Ours", "hessian": "Ours-nabla2", "grad": "Ours-grad"}
+_DECODER_TAG = {"temporal": ("", ""), "generative": ("-gd", " (GD head)")}
+"""Row id suffix and label tag of each refinement decoder (temporal rows keep the ids they had before)."""
+
+
+# ------------------------------------------------------------------------------------------------- planning
+def use_stock_splatfacto(cfg: BenchConfig) -> bool:
+    """Whether the baselines are stock ``ns-train splatfacto`` (CUDA) or the CPU-renderer stand-in."""
+    if cfg.baseline_impl == "auto":
+        return torch.cuda.is_available()
+    return cfg.baseline_impl == "splatfacto"
+
+
+def stage_steps(total: int, fractions: Sequence[float]) -> Tuple[int, ...]:
+    """Split ``total`` steps over stages in proportion to ``fractions`` (each >= 1; the last takes the rest)."""
+    if total < len(fractions):
+        raise BenchError(f"steps={total} is too few for {len(fractions)} stages; give at least one step a stage.")
+    weights = np.asarray(fractions, np.float64) / float(np.sum(fractions))
+    steps = [max(1, int(round(total * w))) for w in weights[:-1]]
+    while sum(steps) > total - 1:
+        steps[int(np.argmax(steps))] -= 1
+    return (*steps, total - sum(steps))
+
+
+def _baseline_spec(cfg: BenchConfig, mode: str, factor: int, data: Path, name: str) -> RunSpec:
+    args: Tuple[str, ...] = ("--pipeline.model.rasterize-mode", mode)
+    if use_stock_splatfacto(cfg):
+        return RunSpec(name, "splatfacto", factor, data, args + tuple(shlex.split(cfg.baseline_args)))
+    args += (
+        "--pipeline.model.stage-downscales", "1",
+        "--pipeline.model.stage-steps", str(cfg.steps),
+        "--pipeline.model.refine-after-training", "False",
+    )
+    return RunSpec(name, "gaussianvae", factor, data, args + tuple(shlex.split(cfg.baseline_args)))
+
+
+def baseline_label(cfg: BenchConfig, mode: str) -> str:
+    """Table label of a baseline row."""
+    if use_stock_splatfacto(cfg):
+        return f"splatfacto {mode}"
+    return f"splatfacto {mode} " + ("(gaussianvae, one stage)" if torch.cuda.is_available() else "(CPU renderer)")
+
+
+def plan(cfg: BenchConfig, data: Path, lowres: Dict[int, Path]) -> Tuple[List[RunSpec], List[RowSpec]]:
+    """The runs to train and the rows to evaluate, in table order (per factor, then the oracle)."""
+    runs: List[RunSpec] = []
+    rows: List[RowSpec] = []
+    for factor in cfg.factors:
+        for mode in cfg.baselines:
+            name = f"splatfacto-{mode}-x{factor}"
+            runs.append(_baseline_spec(cfg, mode, factor, lowres[factor], name))
+            rows.append(RowSpec(name, baseline_label(cfg, mode), "baseline", factor, name))
+        if cfg.ours:
+            name = f"ours-x{factor}"
+            args = (
+                "--pipeline.model.stage-downscales", *map(str, cfg.ours_downscales),
+                "--pipeline.model.stage-steps", *map(str, stage_steps(cfg.steps, cfg.ours_stage_fractions)),
+                "--pipeline.model.refine-after-training", "False",
+                *shlex.split(cfg.ours_args),
+            )
+            runs.append(RunSpec(name, "gaussianvae", factor, lowres[factor], args))
+            stages = "/".join(str(d) for d in cfg.ours_downscales)
+            rows.append(RowSpec(name, f"gaussianvae stages 1/{stages}, no refinement", "ours", factor, name))
+            for decoder in cfg.refine_decoders:
+                suffix, tag = _DECODER_TAG[decoder]
+                for k in cfg.refine_steps:
+                    for select in cfg.refine_selects:
+                        label = f"{_SELECT_LABEL[select]}{tag} +{k}"
+                        rows.append(RowSpec(f"ours-{select}-p{k}{suffix}-x{factor}", label, "ours", factor, name,
+                                            refine_steps=k, refine_select=select, refine_decoder=decoder))
+    if cfg.oracle:
+        name = "oracle"
+        runs.append(_baseline_spec(cfg, "classic", 1, data, name))
+        rows.append(RowSpec(name, f"oracle: {baseline_label(cfg, 'classic')}, full resolution", "oracle", 1, name))
+    return runs, rows
+
+
+# ----------------------------------------------------------------------------------------------- data prep
+
+
+def prepare_data(cfg: BenchConfig, log=print) -> Tuple[Path, Dict[int, Path]]:
+    """The full-resolution dataset (``--data`` or the built-in scene) and its LR training copies."""
+    out = cfg.output.resolve()
+    if cfg.data is None:
+        data = out / "data" / "scene"
+        marker = data / ".bench-scene.json"
+        spec = dataclasses.asdict(cfg.scene)
+        if read_json(marker) != spec:
+            log(f"rendering the built-in scene at {cfg.scene.resolution}px into {data}")
+            if data.exists():
+                shutil.rmtree(data)
+            s = cfg.scene
+            write_scene(data, s.resolution, s.n_train, s.n_test, s.seed, s.supersample, s.n_val, s.n_points)
+            write_json(marker, spec)
+    else:
+        data = cfg.data.resolve()
+    try:
+        sizes = check_blender_dir(data)
+    except ValueError as err:
+        raise BenchError(f"--data: {err}") from None
+    if sizes["test"] != sizes["train"]:
+        log(f"note: test views are {sizes['test'][1]}x{sizes['test'][0]}, training views "
+            f"{sizes['train'][1]}x{sizes['train'][0]}; every model is scored at the test views' size.")
+    lowres: Dict[int, Path] = {}
+    for factor in cfg.factors:
+        dst = out / "data" / f"x{factor}"
+        marker = dst / ".bench-lowres.json"
+        spec = {"source": str(data), "factor": factor}
+        if read_json(marker) != spec:
+            log(f"making the x{factor} training copy of {data} in {dst}")
+            if dst.exists():
+                shutil.rmtree(dst)
+            try:
+                downscale_blender(data, dst, factor, splits=("train",))
+            except ValueError as err:
+                raise BenchError(f"factors: {err}") from None
+            write_json(marker, spec)
+        lowres[factor] = dst
+    return data, lowres
+
+

@@ -1,0 +1,94 @@
+"""gvae-bench refinement: gvae-refine on each gaussianvae run, recorded with a fingerprint."""
+
+from __future__ import annotations
+
+import shlex
+import time
+from pathlib import Path
+from typing import Optional
+
+from gvae_ns.bench.config import (
+    BenchConfig,
+    BenchError,
+    RowSpec,
+    fingerprint,
+    read_json,
+)
+from gvae_ns.bench.evaluate import sync
+from gvae_ns.datasets import write_json
+
+
+# ---------------------------------------------------------------------------------------------- refinement
+def refinement_path(output: Path, row: RowSpec) -> Path:
+    """Where the benchmark keeps ``row``'s refinement file."""
+    return output.resolve() / "refinements" / f"{row.name}.pt"
+
+
+def _refine_fingerprint(cfg: BenchConfig, row: RowSpec, run_record: dict) -> str:
+    spec = {"run": [run_record.get("fingerprint"), run_record.get("finished_at")], "steps": row.refine_steps,
+            "select": row.refine_select, "fraction": cfg.refine_fraction, "args": shlex.split(cfg.refine_args)}
+    if row.refine_decoder not in (None, "temporal"):  # temporal refinements made before the field stay valid
+        spec["decoder"] = row.refine_decoder
+    return fingerprint(spec)
+
+
+def refined(cfg: BenchConfig, row: RowSpec, run_record: dict) -> Optional[dict]:
+    """The refinement record of ``row`` when it is done with the current settings, else None."""
+    path = refinement_path(cfg.output, row)
+    record = read_json(path.with_suffix(".json"))
+    if record and record.get("fingerprint") == _refine_fingerprint(cfg, row, run_record) and path.is_file():
+        return record
+    return None
+
+
+def refine_config(cfg: BenchConfig, row: RowSpec, config_path: Path):
+    """The ``gvae_ns.refine.RefineConfig`` that refines ``row`` of the run at ``config_path`` (its config.yml)."""
+    from gvae_ns.refine import RefineConfig
+
+    decoder = row.refine_decoder or "temporal"
+    refine_cfg = RefineConfig(load_config=config_path, steps=row.refine_steps, select=row.refine_select,
+                              fraction=cfg.refine_fraction, output=refinement_path(cfg.output, row), decoder=decoder)
+    if cfg.refine_args:
+        import tyro
+
+        try:
+            refine_cfg = tyro.cli(RefineConfig, default=refine_cfg, args=shlex.split(cfg.refine_args))
+        except SystemExit:
+            raise BenchError(f"refine_args {cfg.refine_args!r} are not valid gvae-refine flags (see gvae-refine "
+                             "--help).") from None
+    if refine_cfg.decoder != decoder:
+        raise BenchError(f"refine_args {cfg.refine_args!r} set --decoder; list decoders in refine_decoders instead.")
+    return refine_cfg
+
+
+def refine_row(cfg: BenchConfig, row: RowSpec, run_record: dict) -> dict:
+    """Refine the run of ``row`` (in this process, timed) and return the refinement record."""
+    try:
+        from gvae_ns.refine import VAE_FILE, refine_run
+        from gvae_ns.vae.densify_train import DENSIFY_HEAD_FILE
+    except ImportError as err:
+        raise BenchError(f"gvae_ns.refine has no refine_run / RefineConfig yet ({err}); refinement rows need it.")
+    out = refinement_path(cfg.output, row)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config_path = Path(run_record["config"])
+    refine_cfg = refine_config(cfg, row, config_path)
+    vae_file = config_path.parent / (DENSIFY_HEAD_FILE if refine_cfg.decoder == "generative" else VAE_FILE)
+    vae_marker = config_path.parent / f".bench-{vae_file.stem}.json"
+    vae_spec = {"refine_args": shlex.split(cfg.refine_args)}
+    if vae_file.is_file() and read_json(vae_marker) != vae_spec:
+        vae_file.unlink()  # made with other VAE settings (refine_args): train it again
+    vae_before = vae_file.is_file()
+    sync()
+    start = time.perf_counter()
+    refine_run(refine_cfg, pipeline=None)
+    sync()
+    refine_s = time.perf_counter() - start
+    if not out.is_file():
+        raise BenchError(f"refine_run finished but wrote no refinement file at {out}.")
+    write_json(vae_marker, vae_spec)
+    record = {"fingerprint": _refine_fingerprint(cfg, row, run_record), "refine_s": round(refine_s, 2),
+              "includes_vae_training": not vae_before, "file": str(out), "made_at": time.time()}
+    write_json(out.with_suffix(".json"), record)
+    return record
+
+

@@ -1,0 +1,153 @@
+"""gvae-bench training: every run with ns-train in a subprocess, resumable, within a time budget."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from gvae_ns.bench.config import BenchConfig, RunSpec, fingerprint, read_json
+from gvae_ns.datasets import write_json
+
+
+# ------------------------------------------------------------------------------------------------ training
+def run_dir(output: Path, spec: RunSpec) -> Path:
+    """Where ns-train writes ``spec``'s run (config.yml, nerfstudio_models/)."""
+    return output.resolve() / "runs" / spec.name / spec.method / "run"
+
+
+def train_command(cfg: BenchConfig, spec: RunSpec) -> List[str]:
+    """The ns-train command line of ``spec`` (run with this interpreter)."""
+    return [
+        sys.executable, "-m", "nerfstudio.scripts.train", spec.method,
+        "--output-dir", str(cfg.output.resolve() / "runs"),
+        "--experiment-name", spec.name,
+        "--timestamp", "run",
+        "--vis", "tensorboard",
+        "--max-num-iterations", str(cfg.steps),
+        "--steps-per-save", str(cfg.steps),
+        "--steps-per-eval-batch", "0",
+        "--steps-per-eval-image", "0",
+        "--steps-per-eval-all-images", "0",
+        "--pipeline.model.background-color", cfg.background,
+        *spec.args,
+        *shlex.split(cfg.train_args),
+        "blender-data", "--data", str(spec.data),
+    ]
+
+
+def _run_fingerprint(cfg: BenchConfig, spec: RunSpec) -> str:
+    return fingerprint({"cmd": train_command(cfg, spec)[1:]})
+
+
+def _checkpoint(directory: Path) -> Optional[Path]:
+    ckpts = sorted((directory / "nerfstudio_models").glob("step-*.ckpt"))
+    return ckpts[-1] if ckpts else None
+
+
+def trained(cfg: BenchConfig, spec: RunSpec) -> Optional[dict]:
+    """The run's ``train.json`` record when it finished with the current settings, else None."""
+    record = read_json(cfg.output.resolve() / "runs" / spec.name / "train.json")
+    if not record or record.get("status") != "ok" or record.get("fingerprint") != _run_fingerprint(cfg, spec):
+        return None
+    directory = run_dir(cfg.output, spec)
+    if not (directory / "config.yml").is_file() or _checkpoint(directory) is None:
+        return None
+    return record
+
+
+class Budget:
+    """Wall-clock budget: whether a piece of work expected to take ``estimate_s`` still fits."""
+
+    def __init__(self, total_s: Optional[float]):
+        self.start = time.monotonic()
+        self.total_s = total_s
+
+    def allows(self, estimate_s: float) -> bool:
+        """True when there is no budget or the work fits in what is left of it."""
+        return self.total_s is None or time.monotonic() - self.start + estimate_s <= self.total_s
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _finish_training(cfg: BenchConfig, spec: RunSpec, rc: int, wall_s: float, log_path: Path) -> dict:
+    directory = run_dir(cfg.output, spec)
+    ckpt = _checkpoint(directory)
+    record: Dict[str, Any] = {"fingerprint": _run_fingerprint(cfg, spec), "method": spec.method,
+                              "factor": spec.factor, "log": str(log_path), "wall_s": round(wall_s, 2),
+                              "concurrent_jobs": cfg.jobs}
+    if rc != 0 or ckpt is None or not (directory / "config.yml").is_file():
+        record.update(status="failed", error=f"ns-train exited with code {rc}; last lines of {log_path}:\n"
+                                            f"{_tail(log_path)}")
+    else:
+        # config.yml is written just before the trainer sets up; the last checkpoint right after the last step.
+        train_s = ckpt.stat().st_mtime - (directory / "config.yml").stat().st_mtime
+        record.update(status="ok", config=str(directory / "config.yml"), checkpoint=str(ckpt),
+                      train_s=round(train_s, 2), steps=cfg.steps, finished_at=time.time())
+    write_json(cfg.output.resolve() / "runs" / spec.name / "train.json", record)
+    return record
+
+
+def train_all(cfg: BenchConfig, runs: Sequence[RunSpec], budget: Budget, log=print) -> Dict[str, dict]:
+    """Train the runs that are not done yet, ``cfg.jobs`` at a time; return ``{run: train record}``."""
+    records: Dict[str, dict] = {}
+    pending: List[RunSpec] = []
+    for spec in runs:
+        done = trained(cfg, spec)
+        if done is not None:
+            log(f"[skip] {spec.name}: trained already ({done['train_s']:.1f} s)")
+            records[spec.name] = done
+        else:
+            pending.append(spec)
+    env = dict(os.environ)
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.jobs))
+    logs = cfg.output.resolve() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    running: List[Tuple[RunSpec, subprocess.Popen, float, Path, Any]] = []
+    try:
+        while pending or running:
+            while pending and len(running) < cfg.jobs and budget.allows(cfg.train_estimate_s):
+                spec = pending.pop(0)
+                shutil.rmtree(cfg.output.resolve() / "runs" / spec.name, ignore_errors=True)
+                (cfg.output.resolve() / "runs" / spec.name).mkdir(parents=True)
+                log_path = logs / f"train-{spec.name}.log"
+                handle = open(log_path, "w", encoding="utf-8")
+                log(f"[train] {spec.name}: {spec.method} on {spec.data.name} for {cfg.steps} steps (log: {log_path})")
+                proc = subprocess.Popen(train_command(cfg, spec), stdout=handle, stderr=subprocess.STDOUT, env=env,
+                                        cwd=str(cfg.output.resolve()))
+                running.append((spec, proc, time.monotonic(), log_path, handle))
+            if not running:
+                break  # the budget stopped the rest
+            time.sleep(0.5)
+            for item in list(running):
+                spec, proc, started, log_path, handle = item
+                if proc.poll() is None:
+                    continue
+                handle.close()
+                running.remove(item)
+                record = _finish_training(cfg, spec, proc.returncode, time.monotonic() - started, log_path)
+                records[spec.name] = record
+                status = f"{record['train_s']:.1f} s" if record["status"] == "ok" else "FAILED"
+                log(f"[train] {spec.name}: {status}")
+    finally:
+        for spec, proc, _, _, handle in running:
+            proc.terminate()
+            proc.wait()
+            handle.close()
+    return records
+
+
