@@ -274,8 +274,10 @@ def _current_lineage(model):
     return lineage
 
 
-def score_gaussians(model, datamanager, views: int = 0) -> Dict[str, torch.Tensor]:
+def score_gaussians(model, datamanager, views: int = 0, progress=None) -> Dict[str, torch.Tensor]:
     """Per-Gaussian selection signals from the training views at the finest stage's resolution.
+
+    ``progress(done, losses)`` (e.g. :func:`gvae_ns.progress.phase`'s) is called after every view.
 
     ``grad2d``: mean norm of the view-space (pixel) position gradient over views where the Gaussian is
     visible, as the densification strategy measures it. ``hessian``: diagonal Gauss-Newton estimate of the
@@ -297,7 +299,7 @@ def score_gaussians(model, datamanager, views: int = 0) -> Dict[str, torch.Tenso
     indices = range(len(images)) if views <= 0 else torch.linspace(0, len(images) - 1, views).long().tolist()
     background = model._get_background_color()
     sh_degree = model.config.sh_degree if model.config.sh_degree > 0 else None
-    for i in indices:
+    for done, i in enumerate(indices, start=1):
         camera = cameras[i : i + 1].to(device)
         camera.rescale_output_resolution(1 / d)
         W, H = int(camera.width.item()), int(camera.height.item())
@@ -325,6 +327,8 @@ def score_gaussians(model, datamanager, views: int = 0) -> Dict[str, torch.Tenso
         grad_sum += torch.where(visible, g2d.norm(dim=-1), torch.zeros_like(grad_sum))
         vis_count += visible.float()
         hessian += means.grad.pow(2).sum(dim=-1)
+        if progress is not None:
+            progress(done, {"l1": float(loss.detach())})
     return {"grad2d": (grad_sum / vis_count.clamp_min(1)).cpu(), "hessian": hessian.cpu()}
 
 
@@ -420,8 +424,11 @@ def build_refiner(config: RefineConfig, pipeline, step: Optional[int] = None) ->
     from gvae_ns.vae.model import load_vae, save_vae
     from gvae_ns.vae.train import VAETrainConfig, train_vae
 
+    from gvae_ns.progress import phase
+
     model = pipeline.model
     provenance = run_provenance(model, step)
+    writer_step = int(step or 0)
     lineage = _current_lineage(model)
     run_dir = _run_dir(config)
     vae_path = run_dir / VAE_FILE
@@ -439,12 +446,15 @@ def build_refiner(config: RefineConfig, pipeline, step: Optional[int] = None) ->
     else:
         vae_config = VAETrainConfig(steps=config.vae_steps)
         transitions = build_transitions(lineage, max_children=vae_config.model.max_children)
-        vae, log = train_vae(transitions, vae_config, device=device, seed=config.seed)
+        with phase("VAE training", vae_config.steps, writer_step) as advance:
+            vae, log = train_vae(transitions, vae_config, device=device, seed=config.seed, progress=advance)
         save_vae(vae, vae_path, provenance)
         print(f"gvae-refine: trained the VAE on {log.get('transitions')} transitions in "
               f"{time.perf_counter() - started:.1f} s -> {vae_path}")
     started = time.perf_counter()
-    scores = score_gaussians(model, pipeline.datamanager, views=config.score_views)
+    n_views = len(pipeline.datamanager.cached_train) if config.score_views <= 0 else config.score_views
+    with phase("Scoring views", n_views, writer_step) as advance:
+        scores = score_gaussians(model, pipeline.datamanager, views=config.score_views, progress=advance)
     print(f"gvae-refine: scored {scores['grad2d'].numel()} Gaussians in {time.perf_counter() - started:.1f} s")
     return Refiner(model, vae, scores, lineage=lineage, fraction=config.fraction, max_new_ratio=config.max_new_ratio,
                    seed=config.seed, decoder=config.decoder, provenance=provenance)
