@@ -133,26 +133,37 @@ class GaussianVAEModel(SplatfactoModel):
         self.recorder.save(path, float16=self.config.lineage_float16)
 
     def load_refinement_file(self) -> None:
-        """Attach ``<run_dir>/refinement.pt`` if it exists; a bad file is reported and the original kept."""
-        from gvae_ns.refine import REFINEMENT_FILE, RefinementFileError, load_refinement
+        """Attach ``<run_dir>/refinement.pt`` if it exists and was made from this checkpoint.
 
+        A file made from another checkpoint, config or run, or a damaged one (unreadable, foreign, of another
+        version, malformed), is refused: the one-paragraph reason is printed, kept in
+        ``refinement_file_error`` and shown as the viewer's status, and the original scene is shown."""
+        from gvae_ns.refine import REFINEMENT_FILE, RefinementFileError, load_refinement, rebuild_hint, run_provenance
+
+        self.refinement_file_error: Optional[str] = None
         if self.config.run_dir is None:
             return
         path = Path(self.config.run_dir) / REFINEMENT_FILE
         if not path.exists():
             return
         try:
-            refined = load_refinement(path, num_original=self.gauss_params["means"].shape[0])
-        except RefinementFileError as err:
+            refined = load_refinement(path, num_original=self.gauss_params["means"].shape[0],
+                                      expected=run_provenance(self),
+                                      rebuild=rebuild_hint(self.config.run_dir, REFINEMENT_FILE))
+        except (RefinementFileError, OSError) as err:
+            self.refinement_file_error = str(err)
+            self.refinement_record = None
             self.set_refinement(None, note=f"refinement off: {err}")
-            CONSOLE.print(f"[bold yellow]{err} The original scene is shown.")
+            CONSOLE.print(f"{err} The original scene is shown.", style="bold yellow", soft_wrap=True, markup=False,
+                          highlight=False)
             return
         self.attach_refinement(refined)
 
     def attach_refinement(self, refined) -> None:
         """Show a :class:`gvae_ns.refine.Refinement` and keep it as the record of how it was made."""
-        self.refinement_record = refined
         self.set_refinement(refined.params, refined.is_new, note=refined.describe())
+        self.refinement_record = refined
+        self.refinement_file_error = None
 
     def update_refinement(self, steps: int, select: str) -> str:
         """Show the scene extrapolated ``steps`` (0..4) stages with ``select``; returns a status line.

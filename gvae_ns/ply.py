@@ -6,7 +6,9 @@ bytes (header and little-endian records in the same property order) from one str
 temporary file that is renamed into place, so a failed export never leaves a half-written PLY.
 
 :func:`use_fast_ply_writer` swaps it into nerfstudio's exporter; the model calls it when it is set up, so
-only processes that load a gaussianvae run are affected.
+only processes that load a gaussianvae run are affected (``ns-export gaussian-splat`` on a gaussianvae run
+writes through it). The swap is process-wide, so nerfstudio's own writer is kept first:
+:func:`nerfstudio_write_ply` returns it whether or not the swap has happened (tests compare the two).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 from collections import OrderedDict
 from importlib.metadata import version
 from pathlib import Path
-from typing import Mapping, Union
+from typing import Callable, Mapping, Optional, Union
 
 import numpy as np
 
@@ -61,8 +63,41 @@ def write_ply(filename: Union[str, Path], count: int, map_to_tensors: Mapping[st
     atomic_write(filename, write)
 
 
+_NERFSTUDIO_WRITE_PLY: Optional[Callable[..., None]] = None
+"""nerfstudio's ``ExportGaussianSplat.write_ply``, taken before :func:`use_fast_ply_writer` replaces it."""
+
+
+def _current_writer(cls) -> Callable[..., None]:
+    attr = cls.__dict__.get("write_ply")
+    if attr is None:
+        return getattr(cls, "write_ply")
+    return attr.__func__ if isinstance(attr, staticmethod) else attr
+
+
+def nerfstudio_write_ply() -> Callable[..., None]:
+    """nerfstudio's own PLY writer (``ExportGaussianSplat.write_ply`` as nerfstudio defines it), never ours,
+    even after :func:`use_fast_ply_writer` swapped it out in this process."""
+    if _NERFSTUDIO_WRITE_PLY is not None:
+        return _NERFSTUDIO_WRITE_PLY
+    from nerfstudio.scripts.exporter import ExportGaussianSplat
+
+    writer = _current_writer(ExportGaussianSplat)
+    if writer is write_ply:  # swapped by someone other than use_fast_ply_writer
+        raise RuntimeError("ExportGaussianSplat.write_ply was replaced before nerfstudio's writer was kept")
+    return writer
+
+
 def use_fast_ply_writer() -> None:
-    """Make nerfstudio's Gaussian-splat exporter write through :func:`write_ply` (if it is loaded)."""
+    """Make nerfstudio's Gaussian-splat exporter write through :func:`write_ply` (if it is loaded), keeping
+    nerfstudio's writer for :func:`nerfstudio_write_ply`."""
+    global _NERFSTUDIO_WRITE_PLY
     exporter = sys.modules.get("nerfstudio.scripts.exporter")
-    if exporter is not None and hasattr(exporter, "ExportGaussianSplat"):
-        exporter.ExportGaussianSplat.write_ply = staticmethod(write_ply)
+    if exporter is None or not hasattr(exporter, "ExportGaussianSplat"):
+        return
+    cls = exporter.ExportGaussianSplat
+    writer = _current_writer(cls)
+    if writer is write_ply:
+        return
+    if _NERFSTUDIO_WRITE_PLY is None:
+        _NERFSTUDIO_WRITE_PLY = writer
+    cls.write_ply = staticmethod(write_ply)

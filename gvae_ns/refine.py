@@ -8,6 +8,8 @@ key                 value
 ==================  =============================================================================
 ``format``          ``"gvae_ns.refinement"``
 ``version``         :data:`REFINEMENT_VERSION`
+``provenance``      the run state it was made from (:class:`~gvae_ns.tagged_file.Provenance`: checkpoint
+                    step, Gaussian count, sha256 of the lineage ids and parameters, sha256 of the config)
 ``num_original``    rows of the trained scene the refinement was made from
 ``steps``           extrapolation steps past the finest stage (1..4)
 ``select``          ``"hessian"``, ``"grad"`` or ``"all"``
@@ -23,6 +25,10 @@ key                 value
                     step counts / selections can be recomputed without the training images
 ==================  =============================================================================
 
+The file is read and written through :mod:`gvae_ns.tagged_file`, as are ``vae.pt`` and ``densify_head.pt``:
+a file made from another checkpoint, another config or another run (or a damaged one) is refused with
+one paragraph that names it, says what does not match and how to make it again; it is never reused.
+
 The original checkpoint is never modified. :func:`refine_run` makes the file: it takes the run's lineage
 (from the checkpoint's recorder state, else ``<run>/lineage.npz``), trains the VAE on its stage transitions
 (or reuses ``<run>/vae.pt``), scores every Gaussian on the training views at the finest stage's resolution,
@@ -32,6 +38,8 @@ so the viewer can switch between them in milliseconds.
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,17 +47,25 @@ from typing import Dict, Literal, Optional, Tuple, Union
 
 import torch
 
+from gvae_ns.tagged_file import FileFormat, Provenance, TaggedFileError, digest_config, digest_tensors, load_tagged, save_tagged
+
 REFINEMENT_FILE = "refinement.pt"
 REFINEMENT_FORMAT = "gvae_ns.refinement"
-REFINEMENT_VERSION = 1
+REFINEMENT_VERSION = 2
+"""Version 2 added the provenance (the run state the refinement was made from)."""
 PARAM_KEYS = ("means", "scales", "quats", "features_dc", "features_rest", "opacities")
-
+REFINEMENT_FILE_FORMAT = FileFormat(
+    tag=REFINEMENT_FORMAT, version=REFINEMENT_VERSION, what="refinement",
+    keys={"num_original": int, "steps": int, "select": str, "decoder": str, "params": dict,
+          "is_new": torch.Tensor, "selected": torch.Tensor, "removed": torch.Tensor, "scores": dict},
+    rebuild="make it again with gvae-refine --load-config <run>/config.yml",
+)
 
 VAE_FILE = "vae.pt"
 
-
-class RefinementFileError(ValueError):
-    """A refinement file that cannot be used; the message names the file and the problem."""
+RefinementFileError = TaggedFileError
+"""A refinement (or decoder) file that cannot be used: the message names the file, the problem and the fix.
+The same class as :class:`gvae_ns.tagged_file.TaggedFileError`, kept under this name for callers."""
 
 
 class RefinementUnavailable(ValueError):
@@ -78,6 +94,8 @@ class Refinement:
     """Selection mode."""
     decoder: str = "temporal"
     """What produced it: the lineage VAE ("temporal") or the densification head ("generative")."""
+    provenance: Optional[Provenance] = None
+    """The run state it was made from (written to the file; checked when the file is loaded)."""
 
     @property
     def num_added(self) -> int:
@@ -90,69 +108,117 @@ class Refinement:
                 f"{len(self.removed)} ended, {self.num_added} added")
 
 
-def save_refinement(refinement: Refinement, path: Union[str, Path]) -> Path:
-    """Write ``refinement`` to ``path`` atomically (see the module docstring for the layout)."""
-    from gvae_ns.atomic import torch_save_atomic
+def save_refinement(refinement: Refinement, path: Union[str, Path], provenance: Optional[Provenance] = None) -> Path:
+    """Write ``refinement`` to ``path`` atomically (see the module docstring for the layout).
 
+    ``provenance``: the run state it was made from (default: ``refinement.provenance``)."""
+    payload = {
+        "num_original": int(refinement.num_original),
+        "steps": int(refinement.steps),
+        "select": str(refinement.select),
+        "decoder": str(refinement.decoder),
+        "params": {k: refinement.params[k].detach().cpu().contiguous() for k in PARAM_KEYS},
+        "is_new": refinement.is_new.detach().cpu().bool(),
+        "selected": refinement.selected.detach().cpu().long(),
+        "removed": refinement.removed.detach().cpu().long(),
+        "scores": {k: v.detach().cpu().float() for k, v in refinement.scores.items()},
+    }
+    return save_tagged(path, REFINEMENT_FILE_FORMAT, payload, provenance or refinement.provenance)
+
+
+def load_refinement(path: Union[str, Path], num_original: int, expected: Optional[Provenance] = None,
+                    rebuild: Optional[str] = None) -> Refinement:
+    """Read and check a refinement file made from a scene of ``num_original`` Gaussians.
+
+    ``expected``: the run state it must have been made from (:func:`run_provenance`; ``None``: only the
+    count is checked); ``rebuild``: the fix error messages give. Raises :class:`RefinementFileError` for a
+    file that is unreadable, foreign, of another version, malformed (missing keys, wrong shapes or dtypes,
+    NaN) or made from another run state, and ``FileNotFoundError`` for a missing one."""
     path = Path(path)
-    torch_save_atomic(
-        {
-            "format": REFINEMENT_FORMAT,
-            "version": REFINEMENT_VERSION,
-            "num_original": int(refinement.num_original),
-            "steps": int(refinement.steps),
-            "select": str(refinement.select),
-            "decoder": str(refinement.decoder),
-            "params": {k: refinement.params[k].detach().cpu().contiguous() for k in PARAM_KEYS},
-            "is_new": refinement.is_new.detach().cpu().bool(),
-            "selected": refinement.selected.detach().cpu().long(),
-            "removed": refinement.removed.detach().cpu().long(),
-            "scores": {k: v.detach().cpu().float() for k, v in refinement.scores.items()},
-        },
-        path,
-    )
-    return path
+    loaded = load_tagged(path, REFINEMENT_FILE_FORMAT, expected=expected, rebuild=rebuild)
+    data = loaded.payload
+    if data["num_original"] != num_original:
+        raise RefinementFileError(
+            f"{path}: made from a scene of {data['num_original']} Gaussians, but the checkpoint has "
+            f"{num_original}; it belongs to another checkpoint. {loaded.rebuild[0].upper()}{loaded.rebuild[1:]}."
+        )
+    with loaded.checking():
+        params = data["params"]
+        missing = [k for k in PARAM_KEYS if k not in params]
+        if missing:
+            loaded.fail(f"'params' lacks {missing} (it must hold {list(PARAM_KEYS)})")
+        means = loaded.tensor("means", source=params, ndim=2, dtype_kind="f", finite=True, label="params.means")
+        n = means.shape[0]
+        widths = {"means": 3, "scales": 3, "quats": 4, "features_dc": 3, "opacities": 1}
+        for k in PARAM_KEYS:
+            t = loaded.tensor(k, source=params, dtype_kind="f", rows=n, finite=True, label=f"params.{k}")
+            if k in widths and (t.ndim != 2 or t.shape[1] != widths[k]):
+                loaded.fail(f"'params.{k}' has shape {tuple(t.shape)}, expected ({n}, {widths[k]})")
+            if k == "features_rest" and (t.ndim != 3 or t.shape[2] != 3):
+                loaded.fail(f"'params.features_rest' has shape {tuple(t.shape)}, expected ({n}, K, 3)")
+        is_new = loaded.tensor("is_new", ndim=1, dtype_kind="b")
+        removed = loaded.tensor("removed", ndim=1, dtype_kind="i")
+        selected = loaded.tensor("selected", ndim=1, dtype_kind="i")
+        if is_new.shape != (n,):
+            loaded.fail(f"'is_new' has {is_new.numel()} entries, it does not match the {n} refined Gaussians")
+        for name, index in (("removed", removed), ("selected", selected)):
+            if index.numel() and (int(index.min()) < 0 or int(index.max()) >= num_original):
+                loaded.fail(f"'{name}' holds indices outside the {num_original} original Gaussians")
+        if n - int(is_new.sum()) != num_original - removed.numel():
+            loaded.fail(f"kept + removed rows do not add up to the {num_original} originals")
+        scores = data["scores"]
+        for k in scores:
+            loaded.tensor(k, source=scores, ndim=1, dtype_kind="f", rows=num_original, finite=True,
+                          label=f"scores.{k}")
+        if not 1 <= data["steps"] <= 4 or data["select"] not in ("hessian", "grad", "all") or \
+                data["decoder"] not in ("temporal", "generative"):
+            loaded.fail(f"steps / select / decoder ({data['steps']!r}, {data['select']!r}, {data['decoder']!r}) "
+                        "are not values gvae-refine writes")
+    return Refinement(params={k: params[k] for k in PARAM_KEYS}, is_new=is_new, selected=selected.long(),
+                      removed=removed.long(), scores=dict(scores), num_original=num_original,
+                      steps=int(data["steps"]), select=str(data["select"]), decoder=str(data["decoder"]),
+                      provenance=loaded.provenance)
 
 
-def load_refinement(path: Union[str, Path], num_original: int) -> Refinement:
-    """Read and check a refinement file made from a scene of ``num_original`` Gaussians."""
-    path = Path(path)
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, not a torch file, unsafe pickle ...
-        raise RefinementFileError(f"{path}: cannot be read ({type(err).__name__}: {err}).") from None
-    if not isinstance(data, dict) or data.get("format") != REFINEMENT_FORMAT:
-        raise RefinementFileError(f"{path}: not a gvae-ns refinement file.")
-    if data.get("version") != REFINEMENT_VERSION:
-        raise RefinementFileError(
-            f"{path}: refinement format version {data.get('version')}, this gvae-ns reads {REFINEMENT_VERSION}; "
-            "re-run gvae-refine."
-        )
-    if data.get("num_original") != num_original:
-        raise RefinementFileError(
-            f"{path}: made from a scene of {data.get('num_original')} Gaussians, but the checkpoint has "
-            f"{num_original}; it belongs to another checkpoint. Re-run gvae-refine."
-        )
-    params = data.get("params")
-    if not isinstance(params, dict) or any(k not in params for k in PARAM_KEYS):
-        raise RefinementFileError(f"{path}: 'params' must hold {PARAM_KEYS}.")
-    n = params["means"].shape[0]
-    is_new, removed = data.get("is_new"), data.get("removed")
-    if not isinstance(removed, torch.Tensor) or removed.ndim != 1:
-        raise RefinementFileError(f"{path}: 'removed' must be a 1-D index tensor.")
-    if not isinstance(is_new, torch.Tensor) or is_new.shape != (n,):
-        raise RefinementFileError(f"{path}: 'is_new' does not match the {n} refined Gaussians.")
-    if n - int(is_new.sum()) != num_original - removed.numel():
-        raise RefinementFileError(f"{path}: kept + removed rows do not add up to the {num_original} originals.")
-    for k in PARAM_KEYS:
-        if params[k].shape[0] != n or not torch.isfinite(params[k]).all():
-            raise RefinementFileError(f"{path}: '{k}' has the wrong row count or non-finite values.")
-    scores = data.get("scores") or {}
-    if any(v.shape != (num_original,) for v in scores.values()):
-        raise RefinementFileError(f"{path}: 'scores' do not have one value per original Gaussian.")
-    return Refinement(params=params, is_new=is_new.bool(), selected=data.get("selected", removed[:0]),
-                      removed=removed, scores=scores, num_original=num_original, steps=int(data["steps"]),
-                      select=str(data["select"]), decoder=str(data.get("decoder", "temporal")))
+# ------------------------------------------------------------------------------------------- provenance
+def _config_exclude(config) -> Tuple[str, ...]:
+    """Model-config fields that do not change the trained Gaussians: where the run lives, what is shown,
+    and gaussianvae's own post-training refinement settings (``refine_*``; splatfacto's ``refine_every``
+    and friends are densification settings and stay in)."""
+    from nerfstudio.models.splatfacto import SplatfactoModelConfig
+
+    splatfacto = {f.name for f in dataclasses.fields(SplatfactoModelConfig)}
+    ours = [f.name for f in dataclasses.fields(config) if f.name not in splatfacto]
+    return tuple(n for n in ours if n.startswith("refine_") or n in ("run_dir", "show_refined")) + (
+        "eval_num_rays_per_chunk",)
+
+
+def run_provenance(model, step: Optional[int] = None) -> Provenance:
+    """The run state of ``model`` that files beside the run are tied to.
+
+    ``step``: the checkpoint step where the caller knows it (``None``: not recorded / not compared). The
+    digest covers the lineage's live ids and every parameter tensor (:data:`PARAM_KEYS`, in order), so two
+    checkpoints with the same count but other Gaussians never match; the config digest covers the model
+    config minus the fields of :func:`_config_exclude`."""
+    params = [model.gauss_params[k] for k in PARAM_KEYS]
+    recorder = getattr(getattr(model, "strategy", None), "recorder", None)
+    live = getattr(recorder, "live_ids", None)
+    ids = live if live is not None else torch.zeros(0, dtype=torch.int64)
+    config = model.config
+    exclude = _config_exclude(config) if dataclasses.is_dataclass(config) else ()
+    return Provenance(step=None if step is None else int(step), num_gaussians=int(params[0].shape[0]),
+                      gaussians_sha256=digest_tensors([ids.long(), *params]),
+                      config_sha256=digest_config(config, exclude=exclude))
+
+
+def rebuild_hint(run_dir: Optional[Union[str, Path]], name: str, decoder: str = "temporal") -> str:
+    """How to make ``name`` (a file beside the run) again, with the run's own config path."""
+    config = f"{Path(run_dir) / 'config.yml'}" if run_dir is not None else "<run>/config.yml"
+    if name == REFINEMENT_FILE:
+        return f"make it again with gvae-refine --load-config {config} (it replaces the file)"
+    generative = " --decoder generative" if decoder == "generative" else ""
+    return (f"train it again with gvae-refine --load-config {config}{generative} --retrain-vae (it replaces "
+            "the file), or delete it")
 
 
 # --------------------------------------------------------------------------------------------- refinement
@@ -208,8 +274,10 @@ def _current_lineage(model):
     return lineage
 
 
-def score_gaussians(model, datamanager, views: int = 0) -> Dict[str, torch.Tensor]:
+def score_gaussians(model, datamanager, views: int = 0, progress=None) -> Dict[str, torch.Tensor]:
     """Per-Gaussian selection signals from the training views at the finest stage's resolution.
+
+    ``progress(done, losses)`` (e.g. :func:`gvae_ns.progress.phase`'s) is called after every view.
 
     ``grad2d``: mean norm of the view-space (pixel) position gradient over views where the Gaussian is
     visible, as the densification strategy measures it. ``hessian``: diagonal Gauss-Newton estimate of the
@@ -231,7 +299,7 @@ def score_gaussians(model, datamanager, views: int = 0) -> Dict[str, torch.Tenso
     indices = range(len(images)) if views <= 0 else torch.linspace(0, len(images) - 1, views).long().tolist()
     background = model._get_background_color()
     sh_degree = model.config.sh_degree if model.config.sh_degree > 0 else None
-    for i in indices:
+    for done, i in enumerate(indices, start=1):
         camera = cameras[i : i + 1].to(device)
         camera.rescale_output_resolution(1 / d)
         W, H = int(camera.width.item()), int(camera.height.item())
@@ -259,6 +327,8 @@ def score_gaussians(model, datamanager, views: int = 0) -> Dict[str, torch.Tenso
         grad_sum += torch.where(visible, g2d.norm(dim=-1), torch.zeros_like(grad_sum))
         vis_count += visible.float()
         hessian += means.grad.pow(2).sum(dim=-1)
+        if progress is not None:
+            progress(done, {"l1": float(loss.detach())})
     return {"grad2d": (grad_sum / vis_count.clamp_min(1)).cpu(), "hessian": hessian.cpu()}
 
 
@@ -266,8 +336,10 @@ class Refiner:
     """What refinement needs once the VAE is trained: +k / selection changes cost one extrapolation."""
 
     def __init__(self, model, vae, scores: Dict[str, torch.Tensor], lineage=None, fraction: float = 0.1,
-                 max_new_ratio: float = 1.0, seed: int = 0, decoder: str = "temporal") -> None:
-        """``vae``: the trained decoder, a GaussianVAE (``decoder="temporal"``) or a DensifyHead ("generative")."""
+                 max_new_ratio: float = 1.0, seed: int = 0, decoder: str = "temporal",
+                 provenance: Optional[Provenance] = None) -> None:
+        """``vae``: the trained decoder, a GaussianVAE (``decoder="temporal"``) or a DensifyHead ("generative").
+        ``provenance``: the run state the refinements are made from (recorded in each :class:`Refinement`)."""
         from gvae_ns.gaussians import pack_state
         from gvae_ns.lineage.dataset import final_histories
 
@@ -289,6 +361,7 @@ class Refiner:
         if decoder not in ("temporal", "generative"):
             raise ValueError(f"Refiner: decoder must be 'temporal' or 'generative', got {decoder!r}")
         self.decoder = decoder
+        self.provenance = provenance
         self._cache: Dict[Tuple[int, str], Refinement] = {}
 
     def refine(self, steps: int, select: str) -> Refinement:
@@ -332,7 +405,7 @@ class Refiner:
         params = {k: v.contiguous() for k, v in params.items()}
         refinement = Refinement(params=params, is_new=is_new, selected=chosen, removed=(~keep).nonzero().flatten(),
                                 scores=self.scores, num_original=states.shape[0], steps=int(steps), select=select,
-                                decoder=self.decoder)
+                                decoder=self.decoder, provenance=self.provenance)
         self._cache[key] = refinement
         return refinement
 
@@ -341,41 +414,57 @@ def _run_dir(config: RefineConfig) -> Path:
     return Path(config.load_config).parent
 
 
-def build_refiner(config: RefineConfig, pipeline) -> Refiner:
-    """Train (or load) the VAE for the run behind ``pipeline`` and score its Gaussians."""
+def build_refiner(config: RefineConfig, pipeline, step: Optional[int] = None) -> Refiner:
+    """Train (or load) the decoder for the run behind ``pipeline`` and score its Gaussians.
+
+    An existing ``vae.pt`` / ``densify_head.pt`` is reused only when it was trained on this run state
+    (``step``: the checkpoint step, where known); a stale, foreign or damaged one stops with
+    :class:`RefinementFileError` (``--retrain-vae`` replaces it)."""
     from gvae_ns.lineage.dataset import build_transitions
     from gvae_ns.vae.model import load_vae, save_vae
     from gvae_ns.vae.train import VAETrainConfig, train_vae
 
+    from gvae_ns.progress import phase
+
     model = pipeline.model
+    provenance = run_provenance(model, step)
+    writer_step = int(step or 0)
     lineage = _current_lineage(model)
-    vae_path = _run_dir(config) / VAE_FILE
+    run_dir = _run_dir(config)
+    vae_path = run_dir / VAE_FILE
     device = model.device
     started = time.perf_counter()
     if config.decoder == "generative":
-        from gvae_ns.vae.densify_train import DensifyTrainConfig, densify_head_for_run
+        from gvae_ns.vae.densify_train import DENSIFY_HEAD_FILE, DensifyTrainConfig, densify_head_for_run
 
-        vae = densify_head_for_run(_run_dir(config), lineage, DensifyTrainConfig(steps=config.vae_steps),
-                                   retrain=config.retrain_vae, device=device, seed=config.seed)
+        vae = densify_head_for_run(run_dir, lineage, DensifyTrainConfig(steps=config.vae_steps),
+                                   retrain=config.retrain_vae, device=device, seed=config.seed, provenance=provenance,
+                                   rebuild=rebuild_hint(run_dir, DENSIFY_HEAD_FILE, "generative"))
     elif vae_path.exists() and not config.retrain_vae:
-        vae = load_vae(vae_path, map_location=device)
-        print(f"gvae-refine: using the VAE in {vae_path}")
+        vae = load_vae(vae_path, map_location=device, expected=provenance, rebuild=rebuild_hint(run_dir, VAE_FILE))
+        print(f"gvae-refine: using the VAE in {vae_path} (trained on this checkpoint)")
     else:
         vae_config = VAETrainConfig(steps=config.vae_steps)
         transitions = build_transitions(lineage, max_children=vae_config.model.max_children)
-        vae, log = train_vae(transitions, vae_config, device=device, seed=config.seed)
-        save_vae(vae, vae_path)
+        with phase("VAE training", vae_config.steps, writer_step) as advance:
+            vae, log = train_vae(transitions, vae_config, device=device, seed=config.seed, progress=advance)
+        save_vae(vae, vae_path, provenance)
         print(f"gvae-refine: trained the VAE on {log.get('transitions')} transitions in "
               f"{time.perf_counter() - started:.1f} s -> {vae_path}")
     started = time.perf_counter()
-    scores = score_gaussians(model, pipeline.datamanager, views=config.score_views)
+    n_views = len(pipeline.datamanager.cached_train) if config.score_views <= 0 else config.score_views
+    with phase("Scoring views", n_views, writer_step) as advance:
+        scores = score_gaussians(model, pipeline.datamanager, views=config.score_views, progress=advance)
     print(f"gvae-refine: scored {scores['grad2d'].numel()} Gaussians in {time.perf_counter() - started:.1f} s")
     return Refiner(model, vae, scores, lineage=lineage, fraction=config.fraction, max_new_ratio=config.max_new_ratio,
-                   seed=config.seed, decoder=config.decoder)
+                   seed=config.seed, decoder=config.decoder, provenance=provenance)
 
 
 def load_refiner(model, scores: Optional[Dict[str, torch.Tensor]], decoder: str = "temporal") -> Refiner:
-    """A :class:`Refiner` for a loaded run from its saved decoder (``vae.pt`` / ``densify_head.pt``) and scores."""
+    """A :class:`Refiner` for a loaded run from its saved decoder (``vae.pt`` / ``densify_head.pt``) and scores.
+
+    The decoder file must have been trained on the model's Gaussians; a missing, stale, foreign or damaged
+    one raises :class:`RefinementUnavailable` with the file's own one-paragraph message."""
     from gvae_ns.vae.densify_train import DENSIFY_HEAD_FILE, load_densify_head
     from gvae_ns.vae.model import load_vae
 
@@ -385,45 +474,68 @@ def load_refiner(model, scores: Optional[Dict[str, torch.Tensor]], decoder: str 
         raise RefinementUnavailable(f"no trained decoder ({name}) beside the run: run gvae-refine first.")
     if not scores:
         raise RefinementUnavailable(f"no selection scores: run gvae-refine to write {REFINEMENT_FILE}.")
+    provenance = run_provenance(model)
     try:
-        net = loader(Path(run_dir) / name, map_location=model.device)
+        net = loader(Path(run_dir) / name, map_location=model.device, expected=provenance,
+                     rebuild=rebuild_hint(run_dir, name, decoder))
     except (OSError, ValueError) as err:
         raise RefinementUnavailable(str(err)) from None
-    return Refiner(model, net, scores, fraction=model.config.refine_fraction, decoder=decoder)
+    return Refiner(model, net, scores, fraction=model.config.refine_fraction, decoder=decoder, provenance=provenance)
+
+
+def check_refine_config(config: RefineConfig) -> None:
+    """Raise ``ValueError`` (one paragraph, naming the option and the fix) for options that cannot work;
+    nothing is loaded or trained first."""
+    if not 1 <= config.steps <= 4:
+        raise ValueError(f"--steps must be in 1..4, got {config.steps} (extrapolation steps past the finest stage).")
+    if not 0.0 < config.fraction <= 1.0:
+        raise ValueError(f"--fraction must be in (0, 1], got {config.fraction} (the share of Gaussians selected).")
+    if config.vae_steps < 1:
+        raise ValueError(f"--vae-steps must be at least 1, got {config.vae_steps}.")
+    if not config.max_new_ratio > 0.0:
+        raise ValueError(f"--max-new-ratio must be above 0, got {config.max_new_ratio}.")
+    if config.score_views < 0:
+        raise ValueError(f"--score-views must be 0 (all views) or more, got {config.score_views}.")
+    if config.output is not None and Path(config.output).is_dir():
+        raise ValueError(f"--output {config.output} is a directory; pass a file name, e.g. "
+                         f"{Path(config.output) / REFINEMENT_FILE}.")
 
 
 def refine_run(config: RefineConfig, pipeline=None) -> Refinement:
     """Refine a trained run and write the refinement file; returns the refinement.
 
-    ``pipeline``: an already-loaded pipeline (ns-train's, after training); else the run is loaded from
-    ``config.load_config``.
+    ``pipeline``: an already-loaded pipeline (ns-train's, after training; its model's ``step`` is the
+    checkpoint step); else the run is loaded from ``config.load_config``.
     """
-    if not 1 <= config.steps <= 4:
-        raise ValueError(f"--steps must be in 1..4, got {config.steps}")
-    if not 0.0 < config.fraction <= 1.0:
-        raise ValueError(f"--fraction must be in (0, 1], got {config.fraction}")
+    check_refine_config(config)
     if pipeline is None:
+        if not Path(config.load_config).is_file():
+            raise RefinementUnavailable(f"{config.load_config} does not exist: pass the run's config.yml "
+                                        "(the one ns-train wrote beside nerfstudio_models/).")
         from nerfstudio.utils.eval_utils import eval_setup
 
-        if not Path(config.load_config).is_file():
-            raise RefinementUnavailable(f"{config.load_config} does not exist: pass the run's config.yml.")
-        _, pipeline, _, _ = eval_setup(Path(config.load_config), test_mode="val")
+        _, pipeline, _, step = eval_setup(Path(config.load_config), test_mode="val")
+    else:
+        step = getattr(pipeline.model, "step", None)
     model = pipeline.model
     if not hasattr(model, "recorder"):
         raise RefinementUnavailable(
             f"{config.load_config} is a {type(model).__name__} run; refinement needs a run trained with "
             "ns-train gaussianvae (it records the lineage)."
         )
+    output = Path(config.output) if config.output is not None else _run_dir(config) / REFINEMENT_FILE
+    refused = getattr(model, "refinement_file_error", None)
+    if refused:
+        print(f"gvae-refine: the existing refinement file was refused ({refused}); this run replaces it.")
     was_training = model.training
     model.eval()
     try:
-        refiner = build_refiner(config, pipeline)
+        refiner = build_refiner(config, pipeline, step=step)
         started = time.perf_counter()
         refinement = refiner.refine(config.steps, config.select)
         elapsed = time.perf_counter() - started
     finally:
         model.train(was_training)
-    output = Path(config.output) if config.output is not None else _run_dir(config) / REFINEMENT_FILE
     save_refinement(refinement, output)
     model.refiner = refiner
     model.attach_refinement(refinement)
@@ -431,12 +543,13 @@ def refine_run(config: RefineConfig, pipeline=None) -> Refinement:
     return refinement
 
 
-def main() -> None:
-    """Console entry point ``gvae-refine``."""
+def main(argv: Optional[list] = None) -> None:
+    """Console entry point ``gvae-refine``: a user error ends with one paragraph on stderr and exit code 2."""
     import tyro
 
-    config = tyro.cli(RefineConfig)
+    config = tyro.cli(RefineConfig, args=argv)
     try:
         refine_run(config)
-    except (RefinementUnavailable, RefinementFileError, ValueError) as err:
-        raise SystemExit(f"gvae-refine: {err}") from None
+    except (RefinementUnavailable, TaggedFileError, FileNotFoundError, ValueError) as err:
+        print(f"gvae-refine: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -51,6 +51,7 @@ from nerfstudio.viewer.viewer_elements import (
 from torch import nn
 
 from gvae_ns.refine import REFINEMENT_FILE, VAE_FILE, RefinementUnavailable
+from gvae_ns.vae.densify_train import DENSIFY_HEAD_FILE
 
 if TYPE_CHECKING:
     from nerfstudio.viewer.viewer import Viewer
@@ -180,17 +181,22 @@ class RefinementControls(nn.Module):
             self._put_back()
             return
         _set(self.note, value=f"computing +{wanted[0]} ({wanted[1]}) ...")
+        done = False
         try:
             status = self._model.update_refinement(wanted[0], wanted[1])
+            self._applied = wanted
+            self.sync(status=str(status))
+            done = True
         except RefinementUnavailable as err:
             self._failure = str(err)
             self._put_back()
-            return
-        except ValueError as err:
-            self._put_back(status=f"+{wanted[0]} ({wanted[1]}) failed: {err}")
-            return
-        self._applied = wanted
-        self.sync(status=str(status))
+            done = True
+        except Exception as err:  # a damaged decoder file, a shape that does not fit, out of memory ...
+            self._put_back(status=f"+{wanted[0]} ({wanted[1]}) failed: {_one_line(err)}")
+            done = True
+        finally:
+            if not done:  # KeyboardInterrupt / SystemExit: never leave "computing" on the screen
+                self.sync(status=f"+{wanted[0]} ({wanted[1]}) interrupted")
 
     def _put_back(self, status: Optional[str] = None) -> None:
         """Show the applied steps / selection again after a change that could not be made.
@@ -236,6 +242,12 @@ class _SyncWhenInstalled(ViewerControl):
             controls.sync()
 
 
+def _one_line(err: BaseException) -> str:
+    """An exception as one status line: its message (or its type, when it has none)."""
+    text = " ".join(str(err).split())
+    return text if text else type(err).__name__
+
+
 def _unavailable_reason(model: "GaussianVAEModel") -> Optional[str]:
     """Why ``update_refinement`` cannot run on ``model`` (``None`` when it may)."""
     if not callable(getattr(model, "update_refinement", None)):
@@ -247,9 +259,10 @@ def _unavailable_reason(model: "GaussianVAEModel") -> Optional[str]:
                 "two resolution stages)")
     if getattr(model, "refiner", None) is None:
         run_dir = model.config.run_dir
-        if run_dir is None or not (Path(run_dir) / VAE_FILE).is_file():
-            return f"no trained VAE ({VAE_FILE}) beside the run: run gvae-refine first"
         record = getattr(model, "refinement_record", None)
+        name = DENSIFY_HEAD_FILE if record is not None and record.decoder == "generative" else VAE_FILE
+        if run_dir is None or not (Path(run_dir) / name).is_file():
+            return f"no trained decoder ({name}) beside the run: run gvae-refine first"
         if record is None or not record.scores:
             return f"no selection scores in {REFINEMENT_FILE}: run gvae-refine first"
     return None

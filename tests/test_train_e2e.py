@@ -88,26 +88,36 @@ def test_lineage_has_one_snapshot_per_stage(run):
 
 
 def test_export_writes_refined_scene_by_default_and_original_on_request(run, tmp_path):
+    """ns-export gaussian-splat writes the model's own values (refined by default, the checkpoint's with
+    GVAE_REFINED=0), column by column, and a third-party reader (splat-transform) reads them back."""
     from plyfile import PlyData
+    from test_splat_transform import assert_ply_matches, check_exported_ply, expected_columns, exported_rows
 
-    from gvae_ns.refine import load_refinement
+    from gvae_ns.refine import PARAM_KEYS, load_refinement
 
     ckpt = torch.load(next((run / "nerfstudio_models").glob("*.ckpt")), map_location="cpu", weights_only=True)
-    n_original = ckpt["pipeline"]["_model.gauss_params.means"].shape[0]
+    original = {k: ckpt["pipeline"][f"_model.gauss_params.{k}"] for k in PARAM_KEYS}
+    n_original = original["means"].shape[0]
     refined = load_refinement(run / "refinement.pt", n_original)
     assert refined.num_added > 0
 
     ns("ns-export", "gaussian-splat", "--load-config", run / "config.yml", "--output-dir", tmp_path / "a")
     ply = PlyData.read(str(tmp_path / "a" / "splat.ply"))
-    assert ply["vertex"].count == refined.params["means"].shape[0]
     names = [p.name for p in ply["vertex"].properties]
     assert names[:9] == ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
     assert names[-8:] == ["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
     assert len(names) == 62  # 45 f_rest_* for SH degree 3
+    cols = expected_columns(refined.params, sh_degree=3)
+    assert ply["vertex"].count == int(exported_rows(cols).sum()) > n_original
+    # positions, scales, opacities (logits), rotations and every SH coefficient: the refined model's own values
+    assert_ply_matches(tmp_path / "a" / "splat.ply", cols)
+    check_exported_ply(tmp_path / "a" / "splat.ply", tmp_path, count=ply["vertex"].count, sh_bands=3)
 
     ns("ns-export", "gaussian-splat", "--load-config", run / "config.yml", "--output-dir", tmp_path / "b",
        env=dict(_env(), GVAE_REFINED="0"))
-    assert PlyData.read(str(tmp_path / "b" / "splat.ply"))["vertex"].count == n_original
+    plain = expected_columns(original, sh_degree=3)
+    assert PlyData.read(str(tmp_path / "b" / "splat.ply"))["vertex"].count == int(exported_rows(plain).sum())
+    assert_ply_matches(tmp_path / "b" / "splat.ply", plain)
 
 
 def test_eval_setup_sees_refinement_and_renders_full_resolution(run):

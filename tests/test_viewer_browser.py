@@ -123,8 +123,18 @@ def _write_refinement(run: Path) -> int:
         selected=torch.zeros(0, dtype=torch.long), removed=torch.zeros(0, dtype=torch.long), scores={},
         num_original=n, steps=2, select="hessian",
     )
-    save_refinement(refinement, run / REFINEMENT_FILE)
+    save_refinement(refinement, run / REFINEMENT_FILE, _provenance(run))
     return n
+
+
+def _provenance(run: Path):
+    """The run state a refinement beside ``run`` must record (files without it are refused when loaded)."""
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    from gvae_ns.refine import run_provenance
+
+    _, pipeline, _, step = eval_setup(run / "config.yml", test_mode="inference")
+    return run_provenance(pipeline.model, step)
 
 
 @pytest.fixture(scope="module")

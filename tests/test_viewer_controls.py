@@ -208,3 +208,82 @@ def test_real_viewer_installs_controls_and_rerenders_on_change(model, tmp_path):
     finally:
         viewer.viser_server.stop()
 
+
+
+def test_any_failure_shows_the_error_and_never_leaves_computing(model, monkeypatch):
+    calls: List[Tuple[int, str]] = []
+    _make_recomputable(model, monkeypatch, calls)
+    controls = model.refinement_controls
+
+    def broken(steps: int, select: str) -> str:
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(model, "update_refinement", broken)
+    _change(controls.steps, 2)
+    assert "computing" not in controls.note.value
+    assert "+2 (hessian) failed: CUDA out of memory (simulated)" in controls.note.value
+    assert controls.steps.value == 0 and not controls.steps.disabled, "a one-off failure keeps the controls on"
+
+    def interrupted(steps: int, select: str) -> str:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model, "update_refinement", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _change(controls.steps, 3)
+    assert "computing" not in controls.note.value and "interrupted" in controls.note.value
+
+
+def _record_with_scores(model):
+    from gvae_ns.refine import Refinement
+
+    params, is_new = _refined_params(model)
+    return Refinement(params=params, is_new=is_new, selected=torch.arange(ADDED), removed=torch.zeros(0).long(),
+                      scores={"grad2d": torch.rand(NUM), "hessian": torch.rand(NUM)}, num_original=NUM, steps=1,
+                      select="hessian")
+
+
+@pytest.mark.parametrize("damage", ["stale", "malformed"])
+def test_stale_or_malformed_vae_beside_the_run_is_refused_in_the_status(model, tmp_path, damage):
+    from gvae_ns.refine import run_provenance
+    from gvae_ns.tagged_file import Provenance
+    from gvae_ns.vae.model import GaussianVAE, GaussianVAEConfig, save_vae
+
+    model.config.run_dir = tmp_path
+    model.snapshot_stage(0)
+    model.attach_refinement(_record_with_scores(model))
+    foreign = Provenance(step=3, num_gaussians=NUM, gaussians_sha256="0" * 64, config_sha256="1" * 64)
+    own = run_provenance(model)
+    path = save_vae(GaussianVAE(GaussianVAEConfig()), tmp_path / "vae.pt", foreign if damage == "stale" else own)
+    if damage == "malformed":  # the right tag and run, weights that do not fit the config
+        payload = torch.load(path, weights_only=True)
+        payload["state_dict"] = {k: v[..., :1] if v.ndim else v for k, v in payload["state_dict"].items()}
+        torch.save(payload, path)
+    controls = model.refinement_controls
+    controls.sync()
+    assert not controls.steps.disabled
+    _change(controls.steps, 2)
+    note = controls.note.value
+    assert "computing" not in note and str(path) in note, note
+    assert ("another run state" if damage == "stale" else "malformed GaussianVAE file") in note
+    assert "--retrain-vae" in note and controls.steps.value == 1 and controls.steps.disabled
+
+
+def test_stale_refinement_file_is_refused_when_the_run_loads(model, tmp_path):
+    from gvae_ns.refine import REFINEMENT_FILE, save_refinement
+    from gvae_ns.tagged_file import Provenance
+
+    model.config.run_dir = tmp_path
+    foreign = Provenance(step=3, num_gaussians=NUM, gaussians_sha256="0" * 64, config_sha256="1" * 64)
+    save_refinement(_record_with_scores(model), tmp_path / REFINEMENT_FILE, foreign)
+    model.load_refinement_file()
+    assert model.refinement is None and model.refinement_record is None
+    assert "another run state" in model.refinement_file_error and "gvae-refine --load-config" in model.refinement_file_error
+    model.refinement_controls.sync()
+    assert "refinement off" in model.refinement_controls.note.value
+    assert str(tmp_path / REFINEMENT_FILE) in model.refinement_controls.note.value
+
+    from gvae_ns.refine import run_provenance
+
+    save_refinement(_record_with_scores(model), tmp_path / REFINEMENT_FILE, run_provenance(model))
+    model.load_refinement_file()
+    assert model.refinement is not None and model.refinement_file_error is None

@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gvae_ns.atomic import torch_save_atomic
 from gvae_ns.gaussians import MEANS, STATE_DIM
+from gvae_ns.tagged_file import FileFormat, Provenance, load_tagged, save_tagged
 from gvae_ns.vae.densify_head import DensifyHead, DensifyHeadConfig
 from gvae_ns.vae.features import REL_LOG_SCALE, REL_OFFSET, REL_OPACITY, REL_RGB, newest_index, relative_features
 from gvae_ns.vae.losses import chamfer_distance, masked_mse
@@ -51,7 +51,12 @@ from gvae_ns.vae.train import _check_transitions
 DENSIFY_HEAD_FILE = "densify_head.pt"
 """File name of the trained head beside a run (``<run>/densify_head.pt``)."""
 FORMAT_NAME = "gvae_ns.densify_head"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2 added the provenance (the run state the head was trained on)."""
+DENSIFY_HEAD_FORMAT = FileFormat(
+    tag=FORMAT_NAME, version=FORMAT_VERSION, what="densification head", keys={"config": dict, "state_dict": dict},
+    rebuild="train it again (gvae-refine --load-config <run>/config.yml --decoder generative --retrain-vae)",
+)
 
 _LOGGED = ("step", "total", "chamfer", "appearance", "scale", "keep")
 
@@ -259,50 +264,40 @@ def train_densify_head(
 
 
 # ------------------------------------------------------------------------------------------------- file
-def save_densify_head(head: DensifyHead, path: Union[str, os.PathLike]) -> Path:
+def save_densify_head(head: DensifyHead, path: Union[str, os.PathLike],
+                      provenance: Optional[Provenance] = None) -> Path:
     """Write ``head`` (config + weights) to ``path`` atomically; returns the path.
 
-    The file holds only tensors and plain python types (readable with ``torch.load(weights_only=True)``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ``provenance``: the run state the head was trained on (a run's ``densify_head.pt`` always has one). The
+    file holds only tensors and plain python types (readable with ``torch.load(weights_only=True)``)."""
     config = dataclasses.asdict(head.cfg)
     config["orders"] = list(config["orders"])
     payload = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
         "config": config,
         "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()},
     }
-    return torch_save_atomic(payload, path)
+    return save_tagged(path, DENSIFY_HEAD_FORMAT, payload, provenance)
 
 
-def load_densify_head(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> DensifyHead:
-    """Read a head written by :func:`save_densify_head` (eval mode); a missing, corrupt or mismatched file
-    raises ``FileNotFoundError`` / ``ValueError`` naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such densification head file; train one with train_densify_head")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: not a readable densification head file ({type(exc).__name__}: {exc}); "
-                         "delete it and train the head again") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path}: not a densification head file (missing format tag {FORMAT_NAME!r})")
-    if payload.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: densification head file version {payload.get('version')!r}, this code reads "
-                         f"version {FORMAT_VERSION}; train the head again")
-    config, state = payload.get("config"), payload.get("state_dict")
+def load_densify_head(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu",
+                      expected: Optional[Provenance] = None, rebuild: Optional[str] = None) -> DensifyHead:
+    """Read a head written by :func:`save_densify_head` (eval mode).
+
+    ``expected``: the run state the file must have been trained on (``None``: not checked); ``rebuild``: the
+    fix error messages give. A missing file raises ``FileNotFoundError``; an unreadable, foreign, old,
+    malformed or stale one raises :class:`~gvae_ns.tagged_file.TaggedFileError` (a ``ValueError``) naming it."""
+    loaded = load_tagged(path, DENSIFY_HEAD_FORMAT, expected=expected, rebuild=rebuild)
+    config, state = loaded.payload["config"], loaded.payload["state_dict"]
+    for key in state:
+        loaded.tensor(key, source=state, finite=True, label=f"state_dict.{key}")
     known = {f.name for f in dataclasses.fields(DensifyHeadConfig)}
-    if not isinstance(config, dict) or set(config) - known:
-        raise ValueError(f"{path}: invalid DensifyHeadConfig {config!r}")
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path}: densification head file has no valid state_dict")
+    if set(config) - known:
+        loaded.fail(f"unknown DensifyHeadConfig fields {sorted(set(config) - known)}")
     try:
         head = DensifyHead(DensifyHeadConfig(**{**config, "orders": tuple(config.get("orders", ()))}))
         head.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError, TypeError) as exc:
-        raise ValueError(f"{path}: densification head weights do not match its config ({exc})") from None
+        loaded.fail(f"densification head weights do not match its config ({str(exc).splitlines()[0][:300]})")
     return head.to(map_location).eval()
 
 
@@ -314,19 +309,24 @@ def densify_head_for_run(
     device: Union[str, torch.device] = "cpu",
     seed: Optional[int] = None,
     log: Callable[[str], None] = print,
+    provenance: Optional[Provenance] = None,
+    rebuild: Optional[str] = None,
 ) -> DensifyHead:
     """The head in ``<run_dir>/densify_head.pt``, or one trained on ``lineage``'s stage transitions (and
-    saved there) when the file is missing or ``retrain`` is set."""
+    saved there) when the file is missing or ``retrain`` is set.
+
+    ``provenance``: the run state the lineage belongs to; an existing file made from another one is refused
+    (:class:`~gvae_ns.tagged_file.TaggedFileError`, with ``rebuild`` as the fix), a new file records it."""
     from gvae_ns.lineage.dataset import build_transitions
 
     path = Path(run_dir) / DENSIFY_HEAD_FILE
     if path.exists() and not retrain:
         log(f"gvae-refine: using the densification head in {path}")
-        return load_densify_head(path, map_location=device)
+        return load_densify_head(path, map_location=device, expected=provenance, rebuild=rebuild)
     config = config or DensifyTrainConfig()
     transitions = build_transitions(lineage, max_children=config.max_children)
     head, history = train_densify_head(transitions, config, device=device, seed=seed)
-    save_densify_head(head, path)
+    save_densify_head(head, path, provenance)
     log(f"gvae-refine: trained the densification head on {history['parents']} transitions "
         f"({history['split_parents']} split) in {history['seconds']:.1f} s -> {path}")
     return head

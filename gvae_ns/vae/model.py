@@ -25,18 +25,25 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Optional, Protocol, Union
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Protocol, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gvae_ns.atomic import torch_save_atomic
+from gvae_ns.tagged_file import FileFormat
 from gvae_ns.vae import features as feats
 from gvae_ns.vae.flow import FlowPrior
 
+if TYPE_CHECKING:
+    from gvae_ns.tagged_file import Provenance
+
 FORMAT_NAME = "gvae_ns.vae"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2 added the provenance (the run state the VAE was trained on)."""
+VAE_FORMAT = FileFormat(tag=FORMAT_NAME, version=FORMAT_VERSION, what="GaussianVAE",
+                        keys={"config": dict, "state_dict": dict},
+                        rebuild="train it again (gvae-refine --load-config <run>/config.yml --retrain-vae)")
 
 
 @dataclass
@@ -582,46 +589,42 @@ def config_from_dict(data: dict, source: str = "config") -> GaussianVAEConfig:
     return GaussianVAEConfig(**kwargs)
 
 
-def save_vae(vae: GaussianVAE, path: Union[str, os.PathLike]) -> Path:
+def save_vae(vae: GaussianVAE, path: Union[str, os.PathLike], provenance: Optional["Provenance"] = None) -> Path:
     """Write ``vae`` (config + weights + normalisation buffers) to ``path`` atomically; returns the path.
 
-    The file holds only tensors and plain python types, so :func:`load_vae` reads it with
-    ``torch.load(weights_only=True)``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ``provenance``: the run state the VAE was trained on (:class:`gvae_ns.tagged_file.Provenance`); a run's
+    ``vae.pt`` always has one, so a later load can refuse it for another run. The file holds only tensors
+    and plain python types, so :func:`load_vae` reads it with ``torch.load(weights_only=True)``."""
+    from gvae_ns.tagged_file import save_tagged
+
     payload = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
         "config": config_to_dict(vae.config),
         "state_dict": {k: v.detach().cpu() for k, v in vae.state_dict().items()},
     }
-    return torch_save_atomic(payload, path)
+    return save_tagged(path, VAE_FORMAT, payload, provenance)
 
 
-def load_vae(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> GaussianVAE:
-    """Read a model written by :func:`save_vae`; a missing, corrupt or mismatched file raises an error
-    naming it. The model is returned in eval mode."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such GaussianVAE file")
+def load_vae(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu",
+             expected: Optional["Provenance"] = None, rebuild: Optional[str] = None) -> GaussianVAE:
+    """Read a model written by :func:`save_vae` (eval mode).
+
+    ``expected``: the run state the file must have been trained on (``None``: not checked); ``rebuild``: the
+    fix error messages give. A missing file raises ``FileNotFoundError``; an unreadable, foreign, old,
+    malformed (missing keys, weights that do not fit the config, NaN) or stale file raises
+    :class:`gvae_ns.tagged_file.TaggedFileError` (a ``ValueError``) naming it."""
+    from gvae_ns.tagged_file import load_tagged
+
+    loaded = load_tagged(path, VAE_FORMAT, expected=expected, rebuild=rebuild)
+    state = loaded.payload["state_dict"]
+    for key in state:
+        loaded.tensor(key, source=state, finite=True, label=f"state_dict.{key}")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: not a readable GaussianVAE file ({type(exc).__name__}: {exc}); "
-                         "re-create it with gvae_ns.vae.model.save_vae") from exc
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path}: not a GaussianVAE file (missing format tag {FORMAT_NAME!r})")
-    if payload.get("version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: GaussianVAE file version {payload.get('version')!r}, this code reads version {FORMAT_VERSION}"
-        )
-    state = payload.get("state_dict")
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: GaussianVAE file has no valid state_dict")
-    config = config_from_dict(payload.get("config"), source=str(path))
+        config = config_from_dict(loaded.payload["config"], source="config")
+    except (ValueError, TypeError) as exc:
+        loaded.fail(str(exc))
     try:
         vae = GaussianVAE(config)
         vae.load_state_dict(state, strict=True)
-    except (RuntimeError, ValueError) as exc:
-        raise ValueError(f"{path}: GaussianVAE weights do not match its config ({exc})") from exc
+    except (RuntimeError, ValueError, TypeError) as exc:
+        loaded.fail(f"GaussianVAE weights do not match its config ({str(exc).splitlines()[0][:300]})")
     return vae.to(map_location).eval()
