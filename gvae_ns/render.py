@@ -141,12 +141,25 @@ def _log(line: str) -> None:
 
 
 def rasterize_torch(*args, **kwargs) -> Tuple[Tensor, Tensor, Dict]:
-    """The pure-PyTorch rasterizer (the reference): :func:`rasterize_with` with :func:`composite`."""
-    return rasterize_with(composite, *args, **kwargs)
+    """The pure-PyTorch rasterizer (the reference): :func:`rasterize_with` with :data:`TORCH_KERNELS`."""
+    return rasterize_with(TORCH_KERNELS, *args, **kwargs)
+
+
+class Kernels(NamedTuple):
+    """The stages :func:`rasterize_with` runs; each has the signature of this module's function."""
+
+    composite: Callable[..., Tuple[Tensor, Tensor]]
+    """As :func:`composite`."""
+    covariance: Callable[[Tensor, Tensor], Tensor]
+    """As :func:`quat_scale_to_covar`."""
+    project: Callable[..., "Projection"]
+    """As :func:`project_gaussians`."""
+    sh: Callable[[int, Tensor, Tensor], Tensor]
+    """As :func:`eval_sh`."""
 
 
 def rasterize_with(
-    compositor: Callable[..., Tuple[Tensor, Tensor]],
+    kernels: Kernels,
     means: Tensor,
     quats: Tensor,
     scales: Tensor,
@@ -172,8 +185,8 @@ def rasterize_with(
 ) -> Tuple[Tensor, Tensor, Dict]:
     """Differentiable equivalent of ``gsplat.rendering.rasterization`` (pinhole) on any device.
 
-    Projection, SH and covariances run in PyTorch; ``compositor`` (:func:`composite`, or
-    :func:`gvae_ns.render_cpp.composite_cpp`, with :func:`composite`'s signature) does the tiles.
+    ``kernels`` are the stages: this module's PyTorch functions (:data:`TORCH_KERNELS`, the
+    reference) or :data:`gvae_ns.render_cpp.CPP_KERNELS` (the compiled compositor).
 
     Shapes: ``means [N,3]``, ``quats [N,4]`` (wxyz, any norm), ``scales [N,3]`` (not log),
     ``opacities [N]``, ``colors [(C,)N,D]`` or SH coefficients ``[(C,)N,K,3]`` when ``sh_degree``
@@ -200,9 +213,9 @@ def rasterize_with(
         tile_size, backgrounds, render_mode, rasterize_mode, D_in,
     )
     if covars is None:
-        covars = _quat_scale_to_covar(quats, scales)
+        covars = kernels.covariance(quats, scales)
 
-    proj = project_gaussians(
+    proj = kernels.project(
         means, covars, viewmats, Ks, width, height, eps2d=eps2d, near_plane=near_plane,
         far_plane=far_plane, radius_clip=radius_clip,
         calc_compensations=rasterize_mode == "antialiased",
@@ -218,7 +231,7 @@ def rasterize_with(
         campos = torch.linalg.inv(viewmats)[:, :3, 3]  # [C, 3]
         dirs = means.unsqueeze(0) - campos.unsqueeze(1)  # [C, N, 3]
         coeffs = colors if colors.dim() == 4 else colors.unsqueeze(0).expand(C, *colors.shape)
-        feats = torch.clamp_min(eval_sh(sh_degree, dirs, coeffs) + 0.5, 0.0)
+        feats = torch.clamp_min(kernels.sh(sh_degree, dirs, coeffs) + 0.5, 0.0)
 
     bgs = backgrounds
     if render_mode in ("RGB+D", "RGB+ED"):
@@ -267,7 +280,7 @@ def rasterize_with(
             opacities=opac,
         )
 
-    render_colors, render_alphas = compositor(
+    render_colors, render_alphas = kernels.composite(
         means2d_in, conics, feats, opac, radii, depths, width, height,
         backgrounds=bgs, tile_size=tile_size, absgrad_sink=sink if absgrad else None,
     )
@@ -365,7 +378,7 @@ def _check_inputs(
             )
 
 
-def _quat_scale_to_covar(quats: Tensor, scales: Tensor) -> Tensor:
+def quat_scale_to_covar(quats: Tensor, scales: Tensor) -> Tensor:
     """World covariances ``R S S R^T`` from (unnormalised, wxyz) quaternions and scales: ``[N,3,3]``."""
     w, x, y, z = F.normalize(quats, dim=-1).unbind(-1)
     R = torch.stack(
@@ -890,3 +903,7 @@ def world_to_camera(camera_to_worlds: Tensor) -> Tensor:
     viewmat[:, :3, 3:4] = -torch.bmm(R_inv, T)
     viewmat[:, 3, 3] = 1.0
     return viewmat
+
+
+TORCH_KERNELS = Kernels(composite, quat_scale_to_covar, project_gaussians, eval_sh)
+"""The pure-PyTorch stages: the reference every other path is tested against."""

@@ -221,6 +221,106 @@ def composite_cpp(
     )
 
 
+# Projection, covariances and SH as element-wise tensor code: the reference's batched 3x3 matmuls
+# (einsum / bmm over N tiny matrices) cost as much as the whole compiled compositor on CPU, while a few
+# dozen element-wise ops over [C, N] run in milliseconds, forward and backward. Same formulas.
+
+
+def quat_scale_to_covar_fast(quats: Tensor, scales: Tensor) -> Tensor:
+    """:func:`gvae_ns.render.quat_scale_to_covar` (``R S S R^T``, ``[N,3,3]``) without batched matmuls."""
+    w, x, y, z = torch.nn.functional.normalize(quats, dim=-1).unbind(-1)
+    sx, sy, sz = scales.unbind(-1)
+    # rows of M = R diag(s)
+    m = (
+        ((1 - 2 * (y * y + z * z)) * sx, 2 * (x * y - w * z) * sy, 2 * (x * z + w * y) * sz),
+        (2 * (x * y + w * z) * sx, (1 - 2 * (x * x + z * z)) * sy, 2 * (y * z - w * x) * sz),
+        (2 * (x * z - w * y) * sx, 2 * (y * z + w * x) * sy, (1 - 2 * (x * x + y * y)) * sz),
+    )
+
+    def dot(i: int, j: int) -> Tensor:
+        return m[i][0] * m[j][0] + m[i][1] * m[j][1] + m[i][2] * m[j][2]
+
+    c00, c01, c02, c11, c12, c22 = dot(0, 0), dot(0, 1), dot(0, 2), dot(1, 1), dot(1, 2), dot(2, 2)
+    return torch.stack([c00, c01, c02, c01, c11, c12, c02, c12, c22], dim=-1).view(*quats.shape[:-1], 3, 3)
+
+
+def project_gaussians_fast(
+    means: Tensor, covars: Tensor, viewmats: Tensor, Ks: Tensor, width: int, height: int, eps2d: float = 0.3,
+    near_plane: float = 0.01, far_plane: float = 1e10, radius_clip: float = 0.0, calc_compensations: bool = False,
+) -> render.Projection:
+    """:func:`gvae_ns.render.project_gaussians` (gsplat's EWA projection) written element-wise over ``[C, N]``."""
+    R = viewmats[:, :3, :3]
+    t = viewmats[:, :3, 3]
+    mx, my, mz = (means[:, j].unsqueeze(0) for j in range(3))  # [1, N]
+    r = [[R[:, i, j, None] for j in range(3)] for i in range(3)]  # [C, 1]
+    x = r[0][0] * mx + r[0][1] * my + r[0][2] * mz + t[:, 0, None]
+    y = r[1][0] * mx + r[1][1] * my + r[1][2] * mz + t[:, 1, None]
+    z = r[2][0] * mx + r[2][1] * my + r[2][2] * mz + t[:, 2, None]
+    cov = [[covars[:, i, j].unsqueeze(0) for j in range(3)] for i in range(3)]  # [1, N]
+    # A = R Sigma, then Sigma_c = A R^T (symmetric: six entries)
+    A = [[r[i][0] * cov[0][k] + r[i][1] * cov[1][k] + r[i][2] * cov[2][k] for k in range(3)] for i in range(3)]
+
+    def cc(i: int, l: int) -> Tensor:
+        return A[i][0] * r[l][0] + A[i][1] * r[l][1] + A[i][2] * r[l][2]
+
+    c00, c01, c02, c11, c12, c22 = cc(0, 0), cc(0, 1), cc(0, 2), cc(1, 1), cc(1, 2), cc(2, 2)
+
+    depth_ok = (z >= near_plane) & (z <= far_plane) & (z != 0)
+    z_safe = torch.where(depth_ok, z, torch.ones_like(z))
+    fx, fy = Ks[:, 0, 0, None], Ks[:, 1, 1, None]
+    cx, cy = Ks[:, 0, 2, None], Ks[:, 1, 2, None]
+    tan_fovx = 0.5 * width / fx
+    tan_fovy = 0.5 * height / fy
+    lim_x_pos = (width - cx) / fx + 0.3 * tan_fovx
+    lim_x_neg = cx / fx + 0.3 * tan_fovx
+    lim_y_pos = (height - cy) / fy + 0.3 * tan_fovy
+    lim_y_neg = cy / fy + 0.3 * tan_fovy
+    tx = z_safe * torch.minimum(lim_x_pos, torch.maximum(-lim_x_neg, x / z_safe))
+    ty = z_safe * torch.minimum(lim_y_pos, torch.maximum(-lim_y_neg, y / z_safe))
+    # J = [[j00, 0, j02], [0, j11, j12]]
+    j00, j11 = fx / z_safe, fy / z_safe
+    j02, j12 = -fx * tx / z_safe**2, -fy * ty / z_safe**2
+    a = j00 * j00 * c00 + 2 * j00 * j02 * c02 + j02 * j02 * c22
+    b = j00 * j11 * c01 + j00 * j12 * c02 + j02 * j11 * c12 + j02 * j12 * c22
+    c = j11 * j11 * c11 + 2 * j11 * j12 * c12 + j12 * j12 * c22
+    means2d = torch.stack([fx * x / z_safe + cx, fy * y / z_safe + cy], dim=-1)
+
+    det_orig = a * c - b * b
+    a, c = a + eps2d, c + eps2d
+    det = a * c - b * b
+    det_ok = det > 0
+    det_safe = torch.where(det_ok, det, torch.ones_like(det))
+    conics = torch.stack([c / det_safe, -b / det_safe, a / det_safe], dim=-1)
+    compensations = None
+    if calc_compensations:
+        ratio = det_orig / det_safe
+        pos = ratio > 0
+        compensations = torch.where(pos, torch.sqrt(torch.where(pos, ratio, torch.ones_like(ratio))),
+                                    torch.zeros_like(ratio))
+    with torch.no_grad():
+        half_trace = 0.5 * (a + c)
+        v1 = half_trace + torch.sqrt(torch.clamp(half_trace**2 - det, min=0.01))
+        radius = torch.ceil(3.0 * torch.sqrt(v1))
+        px, py = means2d.unbind(-1)
+        visible = (
+            depth_ok & det_ok & (radius > radius_clip)
+            & (px + radius > 0) & (px - radius < width) & (py + radius > 0) & (py - radius < height)
+        )
+        radii = torch.where(visible, radius, torch.zeros_like(radius)).to(torch.int32)
+    return render.Projection(radii, means2d, z, conics, compensations)
+
+
+def eval_sh_fast(degree: int, dirs: Tensor, coeffs: Tensor) -> Tensor:
+    """:func:`gvae_ns.render.eval_sh` with a broadcast multiply-and-sum instead of a batched matmul."""
+    n_bases = (degree + 1) ** 2
+    basis = render.sh_basis(degree, torch.nn.functional.normalize(dirs, dim=-1))
+    return (basis.unsqueeze(-1) * coeffs[..., :n_bases, :]).sum(-2)
+
+
+CPP_KERNELS = render.Kernels(composite_cpp, quat_scale_to_covar_fast, project_gaussians_fast, eval_sh_fast)
+"""The compiled compositor with element-wise projection, covariances and SH."""
+
+
 def rasterize_cpp(*args, **kwargs):
-    """:func:`gvae_ns.render.rasterize_torch` (same arguments, results, ``info``) with the compiled compositor."""
-    return render.rasterize_with(composite_cpp, *args, **kwargs)
+    """:func:`gvae_ns.render.rasterize_torch` (same arguments, results, ``info``) with :data:`CPP_KERNELS`."""
+    return render.rasterize_with(CPP_KERNELS, *args, **kwargs)

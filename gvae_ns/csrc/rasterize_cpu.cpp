@@ -151,26 +151,37 @@ void fill_bins(const Geometry& g, const scalar_t* means2d, const scalar_t* conic
   }
 }
 
-// A tile's list gathered into contiguous arrays (structure of arrays), reused across tiles per thread.
+// One list entry, packed so that a pixel's walk touches one cache line per two entries.
+template <typename scalar_t>
+struct Entry {
+  scalar_t mx, my, a, b, c, op;
+  scalar_t skip;  // sigma above this cannot give alpha >= alpha_min (margin far above round-off)
+  scalar_t level; // log(op / alpha_min): alpha >= alpha_min <=> sigma <= level
+};
+
+// A tile's list gathered into contiguous memory, reused across tiles by each thread.
 template <typename scalar_t>
 struct TileList {
-  std::vector<scalar_t> mx, my, a, b, c, op, skip, col;
+  std::vector<Entry<scalar_t>> e;
+  std::vector<scalar_t> col;
   int64_t K = 0;
   void gather(const int32_t* ids, int64_t K_, int D, const scalar_t* means2d, const scalar_t* conics,
               const scalar_t* opac, const scalar_t* colors, double alpha_min) {
     K = K_;
-    for (auto* v : {&mx, &my, &a, &b, &c, &op, &skip}) v->resize(K);
+    e.resize(K);
     col.resize(K * D);
     for (int64_t k = 0; k < K; ++k) {
       const int64_t f = ids[k];
-      mx[k] = means2d[2 * f];
-      my[k] = means2d[2 * f + 1];
-      a[k] = conics[3 * f];
-      b[k] = conics[3 * f + 1];
-      c[k] = conics[3 * f + 2];
-      op[k] = opac[f];
-      // sigma above this cannot give alpha >= alpha_min (a cheap test before exp; margin >> round-off)
-      skip[k] = static_cast<scalar_t>(std::log(static_cast<double>(op[k]) / alpha_min) + 1e-3);
+      Entry<scalar_t>& x = e[k];
+      x.mx = means2d[2 * f];
+      x.my = means2d[2 * f + 1];
+      x.a = conics[3 * f];
+      x.b = conics[3 * f + 1];
+      x.c = conics[3 * f + 2];
+      x.op = opac[f];
+      const double level = std::log(static_cast<double>(x.op) / alpha_min);
+      x.level = static_cast<scalar_t>(level);
+      x.skip = static_cast<scalar_t>(level + 1e-3);
       for (int d = 0; d < D; ++d) col[k * D + d] = colors[f * D + d];
     }
   }
@@ -182,13 +193,13 @@ struct Consts {
 
 // alpha of list entry k at pixel centre (px, py); returns false when the pair is skipped.
 template <typename scalar_t>
-inline bool entry_alpha(const TileList<scalar_t>& L, int64_t k, scalar_t px, scalar_t py, scalar_t amin,
-                        scalar_t amax, scalar_t& dx, scalar_t& dy, scalar_t& raw, scalar_t& alpha) {
-  dx = L.mx[k] - px;
-  dy = L.my[k] - py;
-  const scalar_t sigma = static_cast<scalar_t>(0.5) * (L.a[k] * dx * dx + L.c[k] * dy * dy) + L.b[k] * dx * dy;
-  if (sigma > L.skip[k]) return false;
-  raw = L.op[k] * std::exp(-sigma);
+inline bool entry_alpha(const Entry<scalar_t>& E, scalar_t px, scalar_t py, scalar_t amin, scalar_t amax,
+                        scalar_t& dx, scalar_t& dy, scalar_t& raw, scalar_t& alpha) {
+  dx = E.mx - px;
+  dy = E.my - py;
+  const scalar_t sigma = static_cast<scalar_t>(0.5) * (E.a * dx * dx + E.c * dy * dy) + E.b * dx * dy;
+  if (sigma > E.skip) return false;
+  raw = E.op * std::exp(-sigma);
   if (!(raw >= amin)) return false;
   alpha = raw < amax ? raw : amax;
   return true;
@@ -219,13 +230,12 @@ TileFrame tile_frame(const Geometry& g, int64_t t) {
 }
 
 template <typename scalar_t>
-void block_lists(const TileList<scalar_t>& L, const TileFrame& f, double alpha_min,
-                 std::vector<std::vector<int32_t>>& lists) {
+void block_lists(const TileList<scalar_t>& L, const TileFrame& f, std::vector<std::vector<int32_t>>& lists) {
   lists.resize(static_cast<size_t>(f.nbx) * f.nby);
   for (auto& l : lists) l.clear();
   for (int64_t k = 0; k < L.K; ++k) {
-    const double mx = L.mx[k], my = L.my[k], a = L.a[k], b = L.b[k], c = L.c[k];
-    const double level = std::log(static_cast<double>(L.op[k]) / alpha_min);
+    const Entry<scalar_t>& E = L.e[k];
+    const double mx = E.mx, my = E.my, a = E.a, b = E.b, c = E.c, level = E.level;
     const double tol = level * 1e-4 + 1e-4;
     const double det = a * c - b * b;
     int bx0 = 0, bx1 = f.nbx, by0 = 0, by1 = f.nby;  // block range of the ellipse's bounding box
@@ -252,10 +262,12 @@ void block_lists(const TileList<scalar_t>& L, const TileFrame& f, double alpha_m
   }
 }
 
-template <typename scalar_t>
+// DC > 0: the channel count, known at compile time (the common 1, 3, 4); DC == 0: D at run time.
+template <typename scalar_t, int DC>
 void forward_tiles(const Geometry& g, const int64_t* toff, const int32_t* ids, const scalar_t* means2d,
-                   const scalar_t* conics, const scalar_t* colors, const scalar_t* opac, int D, const Consts& k,
+                   const scalar_t* conics, const scalar_t* colors, const scalar_t* opac, int D_, const Consts& k,
                    scalar_t* out, scalar_t* t_final, int32_t* last) {
+  const int D = DC > 0 ? DC : D_;
   const int64_t n_tiles = g.C * g.tiles();
   const scalar_t amin = static_cast<scalar_t>(k.alpha_min), amax = static_cast<scalar_t>(k.alpha_max);
   const scalar_t tmin = static_cast<scalar_t>(k.t_min);
@@ -268,7 +280,7 @@ void forward_tiles(const Geometry& g, const int64_t* toff, const int32_t* ids, c
     for (int64_t t = 0; t < n_tiles; ++t) {
       const TileFrame f = tile_frame(g, t);
       L.gather(ids + toff[t], toff[t + 1] - toff[t], D, means2d, conics, opac, colors, k.alpha_min);
-      block_lists(L, f, k.alpha_min, lists);
+      block_lists(L, f, lists);
       for (int y = f.y0; y < f.y0 + f.h; ++y) {
         for (int x = f.x0; x < f.x0 + f.w; ++x) {
           const int64_t p = (static_cast<int64_t>(f.cam) * g.height + y) * g.width + x;
@@ -279,7 +291,7 @@ void forward_tiles(const Geometry& g, const int64_t* toff, const int32_t* ids, c
           int32_t n_used = 0;  // list entries consumed: last contributing position + 1 (gsplat's last_ids)
           for (const int32_t i : lists[f.block_of(x, y)]) {
             scalar_t dx, dy, raw, alpha;
-            if (!entry_alpha(L, i, px, py, amin, amax, dx, dy, raw, alpha)) continue;
+            if (!entry_alpha(L.e[i], px, py, amin, amax, dx, dy, raw, alpha)) continue;
             const scalar_t next_T = T * (1 - alpha);
             if (next_T <= tmin) break;
             const scalar_t w = alpha * T;
@@ -300,11 +312,12 @@ void forward_tiles(const Geometry& g, const int64_t* toff, const int32_t* ids, c
 // Per-pair gradient row: v_mean x, y, v_conic a, b, c, v_opacity, |v_mean| x, y, v_color[D].
 constexpr int kRowFixed = 8;
 
-template <typename scalar_t>
+template <typename scalar_t, int DC>
 void backward_tiles(const Geometry& g, const int64_t* toff, const int32_t* ids, const scalar_t* means2d,
-                    const scalar_t* conics, const scalar_t* colors, const scalar_t* opac, int D, const Consts& k,
+                    const scalar_t* conics, const scalar_t* colors, const scalar_t* opac, int D_, const Consts& k,
                     const scalar_t* t_final, const int32_t* last, const scalar_t* v_out, const scalar_t* v_T,
                     scalar_t* pair_grad) {
+  const int D = DC > 0 ? DC : D_;
   const int64_t n_tiles = g.C * g.tiles();
   const int R = kRowFixed + D;
   const scalar_t amin = static_cast<scalar_t>(k.alpha_min), amax = static_cast<scalar_t>(k.alpha_max);
@@ -319,7 +332,7 @@ void backward_tiles(const Geometry& g, const int64_t* toff, const int32_t* ids, 
       if (K == 0) continue;
       const TileFrame f = tile_frame(g, t);
       L.gather(ids + toff[t], K, D, means2d, conics, opac, colors, k.alpha_min);
-      block_lists(L, f, k.alpha_min, lists);
+      block_lists(L, f, lists);
       scalar_t* rows = pair_grad + toff[t] * R;
       for (int y = f.y0; y < f.y0 + f.h; ++y) {
         for (int x = f.x0; x < f.x0 + f.w; ++x) {
@@ -337,8 +350,9 @@ void backward_tiles(const Geometry& g, const int64_t* toff, const int32_t* ids, 
           scalar_t T = t_final[p];
           for (int64_t j = end - 1; j >= 0; --j) {
             const int32_t i = list[j];
+            const Entry<scalar_t>& E = L.e[i];
             scalar_t dx, dy, raw, alpha;
-            if (!entry_alpha(L, i, px, py, amin, amax, dx, dy, raw, alpha)) continue;
+            if (!entry_alpha(E, px, py, amin, amax, dx, dy, raw, alpha)) continue;
             const scalar_t ra = 1 / (1 - alpha);
             T *= ra;  // transmittance in front of entry i
             const scalar_t w = alpha * T;
@@ -352,10 +366,10 @@ void backward_tiles(const Geometry& g, const int64_t* toff, const int32_t* ids, 
             }
             v_alpha -= tv * ra;
             if (raw <= amax) {  // clamped alphas pass no gradient
-              const scalar_t vis = raw / L.op[i];
+              const scalar_t vis = raw / E.op;
               const scalar_t v_sigma = -raw * v_alpha;
-              const scalar_t gx = v_sigma * (L.a[i] * dx + L.b[i] * dy);
-              const scalar_t gy = v_sigma * (L.b[i] * dx + L.c[i] * dy);
+              const scalar_t gx = v_sigma * (E.a * dx + E.b * dy);
+              const scalar_t gy = v_sigma * (E.b * dx + E.c * dy);
               row[0] += gx;
               row[1] += gy;
               row[2] += static_cast<scalar_t>(0.5) * v_sigma * dx * dx;
@@ -409,6 +423,27 @@ void sum_pair_rows(const scalar_t* pair_grad, const int64_t* goff, const int32_t
   }                                                      \
   return 0;
 
+// Runs the statement with DC bound to D when D is 1, 3 or 4 (unrolled channel loops), else to 0.
+#define WITH_CHANNELS(D, ...)          \
+  switch (D) {                          \
+    case 1: {                           \
+      constexpr int DC = 1;             \
+      __VA_ARGS__;                      \
+    } break;                            \
+    case 3: {                           \
+      constexpr int DC = 3;             \
+      __VA_ARGS__;                      \
+    } break;                            \
+    case 4: {                           \
+      constexpr int DC = 4;             \
+      __VA_ARGS__;                      \
+    } break;                            \
+    default: {                          \
+      constexpr int DC = 0;             \
+      __VA_ARGS__;                      \
+    }                                   \
+  }
+
 #define GVR_GEOMETRY Geometry g{C, N, W, H, ts, (W + ts - 1) / ts, (H + ts - 1) / ts, threads > 0 ? threads : 1}
 #define F(p) static_cast<const scalar_t*>(p)
 
@@ -439,8 +474,9 @@ int gvr_forward(int dbl, int C, int N, int W, int H, int ts, int threads, int D,
                 double alpha_min, double alpha_max, double t_min, void* out, void* t_final, int32_t* last) {
   GVR_GEOMETRY;
   const Consts k{alpha_min, alpha_max, t_min};
-  GVR_DISPATCH(forward_tiles<scalar_t>(g, toff, ids, F(means2d), F(conics), F(colors), F(opac), D, k,
-                                       static_cast<scalar_t*>(out), static_cast<scalar_t*>(t_final), last))
+  GVR_DISPATCH(WITH_CHANNELS(D, forward_tiles<scalar_t, DC>(g, toff, ids, F(means2d), F(conics), F(colors),
+                                                             F(opac), D, k, static_cast<scalar_t*>(out),
+                                                             static_cast<scalar_t*>(t_final), last)))
 }
 
 // Back-to-front gradients.  v_out [C,H,W,D], v_T [C,H,W] (d loss / d final transmittance);
@@ -453,8 +489,9 @@ int gvr_backward(int dbl, int C, int N, int W, int H, int ts, int threads, int D
                  void* grad) {
   GVR_GEOMETRY;
   const Consts k{alpha_min, alpha_max, t_min};
-  GVR_DISPATCH(backward_tiles<scalar_t>(g, toff, ids, F(means2d), F(conics), F(colors), F(opac), D, k,
-                                        F(t_final), last, F(v_out), F(v_T), static_cast<scalar_t*>(pair_grad));
+  GVR_DISPATCH(WITH_CHANNELS(D, backward_tiles<scalar_t, DC>(g, toff, ids, F(means2d), F(conics), F(colors),
+                                                              F(opac), D, k, F(t_final), last, F(v_out), F(v_T),
+                                                              static_cast<scalar_t*>(pair_grad)));
                sum_pair_rows<scalar_t>(static_cast<const scalar_t*>(pair_grad), goff, slot,
                                        static_cast<int64_t>(C) * N, kRowFixed + D, static_cast<scalar_t*>(grad), g.threads))
 }
