@@ -116,7 +116,8 @@ def cpu_rasterizer() -> Callable[..., Tuple[Tensor, Tensor, Dict]]:
         seconds = time.perf_counter() - t0
         if ext is not None:
             fn = render_cpp.rasterize_cpp
-            line = f"compiled C++ ({torch.get_num_threads()} threads"
+            n = torch.get_num_threads()
+            line = f"compiled C++ ({n} thread{'s' if n != 1 else ''}"
             line += f", built/loaded in {seconds:.0f} s)" if seconds > 2 else ")"
         elif choice == "cpp":
             raise RuntimeError(
