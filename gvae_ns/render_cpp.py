@@ -79,7 +79,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.gvr_fill_bins.argtypes = geom + [p] * 5 + [d] + [p] * 4
     lib.gvr_forward.argtypes = geom + [i] + [p] * 6 + [d] * 3 + [p] * 3
     lib.gvr_backward.argtypes = geom + [i] + [p] * 8 + [d] * 3 + [p] * 6
-    for fn in (lib.gvr_count_pairs, lib.gvr_fill_bins, lib.gvr_forward, lib.gvr_backward, lib.gvr_abi_version):
+    lib.gvr_sh_forward.argtypes = [i] * 7 + [p] * 3
+    lib.gvr_sh_backward.argtypes = [i] * 7 + [p] * 5
+    for fn in (lib.gvr_count_pairs, lib.gvr_fill_bins, lib.gvr_forward, lib.gvr_backward, lib.gvr_abi_version,
+               lib.gvr_sh_forward, lib.gvr_sh_backward):
         fn.restype = i
 
 
@@ -221,9 +224,11 @@ def composite_cpp(
     )
 
 
-# Projection, covariances and SH as element-wise tensor code: the reference's batched 3x3 matmuls
+# Projection and covariances as element-wise tensor code: the reference's batched 3x3 matmuls
 # (einsum / bmm over N tiny matrices) cost as much as the whole compiled compositor on CPU, while a few
 # dozen element-wise ops over [C, N] run in milliseconds, forward and backward. Same formulas.
+# SH colours go to C++: as tensor ops they are a broadcast over [C, N, 16, 3] (and three more for the
+# backward), about 15% of a step at SH degree 3.
 
 
 def quat_scale_to_covar_fast(quats: Tensor, scales: Tensor) -> Tensor:
@@ -310,15 +315,51 @@ def project_gaussians_fast(
     return render.Projection(radii, means2d, z, conics, compensations)
 
 
-def eval_sh_fast(degree: int, dirs: Tensor, coeffs: Tensor) -> Tensor:
-    """:func:`gvae_ns.render.eval_sh` with a broadcast multiply-and-sum instead of a batched matmul."""
-    n_bases = (degree + 1) ** 2
-    basis = render.sh_basis(degree, torch.nn.functional.normalize(dirs, dim=-1))
-    return (basis.unsqueeze(-1) * coeffs[..., :n_bases, :]).sum(-2)
+class _ShCpp(torch.autograd.Function):
+    """SH colours by the C++ kernel: forward, and the backward to the coefficients and the directions."""
+
+    @staticmethod
+    def forward(ctx, degree, dirs, coeffs):
+        C, N = dirs.shape[:2]
+        dtype = _compute_dtype(dirs)
+        shared = coeffs.dim() == 4 and coeffs.stride(0) == 0 and C > 1  # one [N, K, 3] for every camera
+        base = coeffs[0] if shared else coeffs
+        d = dirs.detach().to(dtype).contiguous()
+        cf = base.detach().to(dtype).contiguous()
+        out = torch.empty(C, N, 3, dtype=dtype)
+        geom = (int(dtype == torch.float64), C, N, cf.shape[-2], degree, int(shared), torch.get_num_threads())
+        _check(load_extension().gvr_sh_forward(*geom, _ptr(d), _ptr(cf), _ptr(out)))
+        ctx.save_for_backward(d, cf)
+        ctx.geom, ctx.shared, ctx.dtypes, ctx.coeff_shape = geom, shared, (dirs.dtype, coeffs.dtype), coeffs.shape
+        return out.to(coeffs.dtype)
+
+    @staticmethod
+    def backward(ctx, v_out):
+        d, cf = ctx.saved_tensors
+        v_out = v_out.to(d.dtype).contiguous()
+        v_cf = torch.empty_like(cf)
+        v_d = torch.empty_like(d)
+        _check(load_extension().gvr_sh_backward(*ctx.geom, _ptr(d), _ptr(cf), _ptr(v_out), _ptr(v_cf), _ptr(v_d)))
+        if ctx.shared:  # the expanded input's gradient: the sum in camera 0 (expand's backward adds them)
+            total = v_cf
+            v_cf = total.new_zeros(ctx.coeff_shape)
+            v_cf[0] = total
+        return None, v_d.to(ctx.dtypes[0]), v_cf.to(ctx.dtypes[1])
 
 
-CPP_KERNELS = render.Kernels(composite_cpp, quat_scale_to_covar_fast, project_gaussians_fast, eval_sh_fast)
-"""The compiled compositor with element-wise projection, covariances and SH."""
+def eval_sh_cpp(degree: int, dirs: Tensor, coeffs: Tensor) -> Tensor:
+    """:func:`gvae_ns.render.eval_sh` for ``dirs [C,N,3]``, ``coeffs [C,N,K,3]`` by the C++ kernel.
+
+    When ``coeffs`` is one ``[N,K,3]`` expanded over the cameras (what :func:`rasterize_with` passes),
+    the kernel reads it once per camera and sums the cameras' gradients itself.
+    """
+    if dirs.dim() != 3 or coeffs.dim() != 4 or coeffs.shape[:2] != dirs.shape[:2] or coeffs.shape[-1] != 3:
+        return render.eval_sh(degree, dirs, coeffs)  # other layouts: the reference
+    return _ShCpp.apply(degree, dirs, coeffs)
+
+
+CPP_KERNELS = render.Kernels(composite_cpp, quat_scale_to_covar_fast, project_gaussians_fast, eval_sh_cpp)
+"""The compiled compositor and SH, with element-wise projection and covariances."""
 
 
 def rasterize_cpp(*args, **kwargs):

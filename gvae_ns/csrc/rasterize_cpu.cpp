@@ -401,6 +401,126 @@ void sum_pair_rows(const scalar_t* pair_grad, const int64_t* goff, const int32_t
   }
 }
 
+// ---- Spherical harmonics (gsplat / 3DGS real basis and sign convention, degrees 0..3) ----
+// colour = sum_k basis_k(u) coeff_k with u = dir / |dir|; the backward gives d/dcoeff and d/ddir.
+
+constexpr double kC0 = 0.28209479177387814, kC1 = 0.4886025119029199;
+constexpr double kC2[5] = {1.0925484305920792, -1.0925484305920792, 0.31539156525252005, -1.0925484305920792,
+                           0.5462742152960396};
+constexpr double kC3[7] = {-0.5900435899266435, 2.890611442640554, -0.4570457994644658, 0.3731763325901154,
+                           -0.4570457994644658, 1.445305721320277, -0.5900435899266435};
+
+// basis[k] and, when grad is given, d basis[k] / d(x, y, z) for a unit direction.
+template <typename T>
+inline void sh_basis(int degree, T x, T y, T z, T* basis, T (*grad)[3]) {
+  basis[0] = T(kC0);
+  if (grad) grad[0][0] = grad[0][1] = grad[0][2] = 0;
+  if (degree < 1) return;
+  basis[1] = T(-kC1) * y;
+  basis[2] = T(kC1) * z;
+  basis[3] = T(-kC1) * x;
+  if (grad) {
+    const T g1[3][3] = {{0, T(-kC1), 0}, {0, 0, T(kC1)}, {T(-kC1), 0, 0}};
+    for (int k = 0; k < 3; ++k)
+      for (int j = 0; j < 3; ++j) grad[1 + k][j] = g1[k][j];
+  }
+  if (degree < 2) return;
+  const T xx = x * x, yy = y * y, zz = z * z;
+  basis[4] = T(kC2[0]) * x * y;
+  basis[5] = T(kC2[1]) * y * z;
+  basis[6] = T(kC2[2]) * (2 * zz - xx - yy);
+  basis[7] = T(kC2[3]) * x * z;
+  basis[8] = T(kC2[4]) * (xx - yy);
+  if (grad) {
+    const T g2[5][3] = {{y, x, 0}, {0, z, y}, {-2 * x, -2 * y, 4 * z}, {z, 0, x}, {2 * x, -2 * y, 0}};
+    for (int k = 0; k < 5; ++k)
+      for (int j = 0; j < 3; ++j) grad[4 + k][j] = T(kC2[k]) * g2[k][j];
+  }
+  if (degree < 3) return;
+  basis[9] = T(kC3[0]) * y * (3 * xx - yy);
+  basis[10] = T(kC3[1]) * x * y * z;
+  basis[11] = T(kC3[2]) * y * (4 * zz - xx - yy);
+  basis[12] = T(kC3[3]) * z * (2 * zz - 3 * xx - 3 * yy);
+  basis[13] = T(kC3[4]) * x * (4 * zz - xx - yy);
+  basis[14] = T(kC3[5]) * z * (xx - yy);
+  basis[15] = T(kC3[6]) * x * (xx - 3 * yy);
+  if (grad) {
+    const T g3[7][3] = {{6 * x * y, 3 * xx - 3 * yy, 0},
+                        {y * z, x * z, x * y},
+                        {-2 * x * y, 4 * zz - xx - 3 * yy, 8 * y * z},
+                        {-6 * x * z, -6 * y * z, 6 * zz - 3 * xx - 3 * yy},
+                        {4 * zz - 3 * xx - yy, -2 * x * y, 8 * x * z},
+                        {2 * x * z, -2 * y * z, xx - yy},
+                        {3 * xx - 3 * yy, -6 * x * y, 0}};
+    for (int k = 0; k < 7; ++k)
+      for (int j = 0; j < 3; ++j) grad[9 + k][j] = T(kC3[k]) * g3[k][j];
+  }
+}
+
+// dirs [C,N,3]; coeffs [N,K,3] (shared by the cameras) or [C,N,K,3]; out [C,N,3].
+template <typename T>
+void sh_forward(int C, int N, int K, int degree, bool shared, const T* dirs, const T* coeffs, T* out, int threads) {
+  const int nb = (degree + 1) * (degree + 1);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t m = 0; m < static_cast<int64_t>(C) * N; ++m) {
+    const T* d = dirs + 3 * m;
+    const T norm = std::sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2]);
+    const T inv = T(1) / std::max(norm, T(1e-12));  // F.normalize's eps
+    T basis[16];
+    sh_basis<T>(degree, d[0] * inv, d[1] * inv, d[2] * inv, basis, nullptr);
+    const T* cf = coeffs + (shared ? m % N : m) * K * 3;
+    T r = 0, g = 0, b = 0;
+    for (int k = 0; k < nb; ++k) {
+      r += basis[k] * cf[3 * k];
+      g += basis[k] * cf[3 * k + 1];
+      b += basis[k] * cf[3 * k + 2];
+    }
+    out[3 * m] = r;
+    out[3 * m + 1] = g;
+    out[3 * m + 2] = b;
+  }
+}
+
+// v_out [C,N,3] -> v_coeffs (shaped as coeffs, summed over cameras when shared), v_dirs [C,N,3].
+template <typename T>
+void sh_backward(int C, int N, int K, int degree, bool shared, const T* dirs, const T* coeffs, const T* v_out,
+                 T* v_coeffs, T* v_dirs, int threads) {
+  const int nb = (degree + 1) * (degree + 1);
+  const int64_t rows = shared ? N : static_cast<int64_t>(C) * N;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t row = 0; row < rows; ++row) {
+    T* vc = v_coeffs + row * K * 3;
+    for (int i = 0; i < K * 3; ++i) vc[i] = 0;
+    for (int c = 0; c < (shared ? C : 1); ++c) {  // a shared row gathers every camera, in order
+      const int64_t m = shared ? static_cast<int64_t>(c) * N + row : row;
+      const T* d = dirs + 3 * m;
+      const T* vo = v_out + 3 * m;
+      const T* cf = coeffs + row * K * 3;
+      const T norm = std::sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2]);
+      const T inv = T(1) / std::max(norm, T(1e-12));
+      const T u[3] = {d[0] * inv, d[1] * inv, d[2] * inv};
+      T basis[16], grad[16][3];
+      sh_basis<T>(degree, u[0], u[1], u[2], basis, grad);
+      T vu[3] = {0, 0, 0};
+      for (int k = 0; k < nb; ++k) {
+        vc[3 * k] += basis[k] * vo[0];
+        vc[3 * k + 1] += basis[k] * vo[1];
+        vc[3 * k + 2] += basis[k] * vo[2];
+        const T dot = cf[3 * k] * vo[0] + cf[3 * k + 1] * vo[1] + cf[3 * k + 2] * vo[2];
+        for (int j = 0; j < 3; ++j) vu[j] += dot * grad[k][j];
+      }
+      // through u = d / |d| (no gradient where the norm was clamped, as F.normalize)
+      T* vd = v_dirs + 3 * m;
+      if (norm > T(1e-12)) {
+        const T uv = u[0] * vu[0] + u[1] * vu[1] + u[2] * vu[2];
+        for (int j = 0; j < 3; ++j) vd[j] = (vu[j] - u[j] * uv) * inv;
+      } else {
+        for (int j = 0; j < 3; ++j) vd[j] = vu[j] * inv;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 // ---- C interface (called through ctypes by gvae_ns/render_cpp.py) ----
@@ -494,6 +614,20 @@ int gvr_backward(int dbl, int C, int N, int W, int H, int ts, int threads, int D
                                                               static_cast<scalar_t*>(pair_grad)));
                sum_pair_rows<scalar_t>(static_cast<const scalar_t*>(pair_grad), goff, slot,
                                        static_cast<int64_t>(C) * N, kRowFixed + D, static_cast<scalar_t*>(grad), g.threads))
+}
+
+// SH colours (see sh_forward / sh_backward): shared = 1 when coeffs is [N,K,3] for every camera.
+int gvr_sh_forward(int dbl, int C, int N, int K, int degree, int shared, int threads, const void* dirs,
+                   const void* coeffs, void* out) {
+  GVR_DISPATCH(sh_forward<scalar_t>(C, N, K, degree, shared != 0, F(dirs), F(coeffs), static_cast<scalar_t*>(out),
+                                    threads > 0 ? threads : 1))
+}
+
+int gvr_sh_backward(int dbl, int C, int N, int K, int degree, int shared, int threads, const void* dirs,
+                    const void* coeffs, const void* v_out, void* v_coeffs, void* v_dirs) {
+  GVR_DISPATCH(sh_backward<scalar_t>(C, N, K, degree, shared != 0, F(dirs), F(coeffs), F(v_out),
+                                     static_cast<scalar_t*>(v_coeffs), static_cast<scalar_t*>(v_dirs),
+                                     threads > 0 ? threads : 1))
 }
 
 }  // extern "C"
