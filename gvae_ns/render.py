@@ -1,8 +1,11 @@
-"""Render 3D Gaussians: gsplat's CUDA rasterizer on CUDA tensors, a pure-PyTorch one elsewhere.
+"""Render 3D Gaussians: gsplat's CUDA rasterizer on CUDA tensors, a CPU one elsewhere.
 
 :func:`rasterize` is the one call the rest of the package uses. It has the signature and the
 semantics of ``gsplat.rendering.rasterization`` (gsplat 1.4.0) and dispatches on the device of
-``means``. :func:`rasterize_torch` is the CPU path. It follows gsplat's math step by step:
+``means``. On CPU, :func:`rasterize_with` does the projection in PyTorch and hands the tiles to a
+compositor: the compiled one of :mod:`gvae_ns.render_cpp` (the default, see :func:`cpu_rasterizer`)
+or this module's pure-PyTorch :func:`composite` (:func:`rasterize_torch`, the reference and the
+fallback). Both follow gsplat's math step by step:
 
 * projection: EWA with the clamped perspective Jacobian, ``eps2d`` blur, optional
   anti-aliasing compensation, ``radius = ceil(3 sqrt(lambda_max))``, near/far and image culling;
@@ -14,7 +17,7 @@ semantics of ``gsplat.rendering.rasterization`` (gsplat 1.4.0) and dispatches on
 
 Nothing is dense in ``N x H*W``. The image is cut into 4x4-pixel blocks; each block gets the
 depth-sorted list of the Gaussians whose ``alpha >= 1/255`` ellipse reaches one of its pixels
-(exact ellipse/box test). Blocks with lists of similar length are padded into ``[B, 16, K]``
+(exact ellipse/box test). In the PyTorch compositor, blocks with lists of similar length are padded into ``[B, 16, K]``
 batches in which every step is a dense tensor op: ``log(opacity) - sigma`` is a quadratic in the
 pixel offset, so all exponents come from one matmul; transmittance is a ``cumsum`` of
 ``log(1 - alpha)`` along ``K``. Compositing is a ``torch.autograd.Function`` with a hand-written
@@ -26,6 +29,9 @@ gradient ``info["means2d"].grad`` (and ``.absgrad``) is what gsplat's ``DefaultS
 from __future__ import annotations
 
 import math
+import os
+import sys
+import time
 import warnings
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
@@ -69,19 +75,92 @@ class Projection(NamedTuple):
 
 
 def rasterize(means: Tensor, *args, **kwargs) -> Tuple[Tensor, Tensor, Dict]:
-    """Render with ``gsplat.rasterization`` when ``means`` is on CUDA, else :func:`rasterize_torch`.
+    """Render with ``gsplat.rasterization`` when ``means`` is on CUDA, else with the CPU rasterizer.
 
-    Arguments and return values are those of ``gsplat.rendering.rasterization`` (both paths have its
-    defaults); keyword arguments only gsplat knows go to gsplat unchanged on CUDA.
+    Arguments and return values are those of ``gsplat.rendering.rasterization`` (every path has its
+    defaults); keyword arguments only gsplat knows go to gsplat unchanged on CUDA. On CPU the
+    compiled rasterizer (:func:`gvae_ns.render_cpp.rasterize_cpp`) runs unless it cannot be built
+    or ``GVAE_RASTERIZER=torch`` asks for :func:`rasterize_torch`; one log line says which runs.
     """
     if means.is_cuda:
         from gsplat import rasterization
 
         return rasterization(means, *args, **kwargs)
-    return rasterize_torch(means, *args, **kwargs)
+    return cpu_rasterizer()(means, *args, **kwargs)
 
 
-def rasterize_torch(
+RASTERIZER_ENV = "GVAE_RASTERIZER"
+"""Environment variable choosing the CPU path: ``cpp`` (compiled; fails if it cannot be built),
+``torch`` (the pure-PyTorch reference), or unset / ``auto`` (compiled, else PyTorch)."""
+_cpu_choice: Dict[str, Callable[..., Tuple[Tensor, Tensor, Dict]]] = {}
+
+
+def cpu_rasterizer() -> Callable[..., Tuple[Tensor, Tensor, Dict]]:
+    """The CPU rasterizer ``$GVAE_RASTERIZER`` selects (see :data:`RASTERIZER_ENV`).
+
+    Decided once per value of the variable; the decision is logged in one line, so a fallback to
+    the slower PyTorch path is never silent.
+    """
+    choice = os.environ.get(RASTERIZER_ENV, "auto").strip().lower() or "auto"
+    if choice in _cpu_choice:
+        return _cpu_choice[choice]
+    if choice not in ("auto", "cpp", "torch"):
+        raise ValueError(f"{RASTERIZER_ENV} must be 'cpp', 'torch' or 'auto', got {choice!r}.")
+    if choice == "torch":
+        fn, line = rasterize_torch, f"pure PyTorch ({RASTERIZER_ENV}=torch)"
+    else:
+        from gvae_ns import render_cpp
+
+        t0 = time.perf_counter()
+        ext = render_cpp.load_extension()
+        seconds = time.perf_counter() - t0
+        if ext is not None:
+            fn = render_cpp.rasterize_cpp
+            n = torch.get_num_threads()
+            line = f"compiled C++ ({n} thread{'s' if n != 1 else ''}"
+            line += f", built/loaded in {seconds:.0f} s)" if seconds > 2 else ")"
+        elif choice == "cpp":
+            raise RuntimeError(
+                f"{RASTERIZER_ENV}=cpp but the compiled CPU rasterizer cannot be built: {render_cpp.build_error()}"
+            )
+        else:
+            fn = rasterize_torch
+            line = (f"pure PyTorch, several times slower: the C++ one cannot be built "
+                    f"({render_cpp.build_error()}); set {RASTERIZER_ENV}=torch to silence this")
+    _log(f"gvae-ns CPU rasterizer: {line}")
+    _cpu_choice[choice] = fn
+    return fn
+
+
+def _log(line: str) -> None:
+    try:
+        from nerfstudio.utils.rich_utils import CONSOLE
+
+        CONSOLE.print(line, highlight=False)
+    except ImportError:
+        print(line, file=sys.stderr)
+
+
+def rasterize_torch(*args, **kwargs) -> Tuple[Tensor, Tensor, Dict]:
+    """The pure-PyTorch rasterizer (the reference): :func:`rasterize_with` with :data:`TORCH_KERNELS`."""
+    return rasterize_with(TORCH_KERNELS, *args, **kwargs)
+
+
+class Kernels(NamedTuple):
+    """The stages :func:`rasterize_with` runs; each has the signature of this module's function."""
+
+    composite: Callable[..., Tuple[Tensor, Tensor]]
+    """As :func:`composite`."""
+    covariance: Callable[[Tensor, Tensor], Tensor]
+    """As :func:`quat_scale_to_covar`."""
+    project: Callable[..., "Projection"]
+    """As :func:`project_gaussians`."""
+    sh: Callable[[int, Tensor, Tensor], Tensor]
+    """As :func:`eval_sh`."""
+
+
+def rasterize_with(
+    kernels: Kernels,
     means: Tensor,
     quats: Tensor,
     scales: Tensor,
@@ -105,7 +184,10 @@ def rasterize_torch(
     rasterize_mode: RasterizeMode = "classic",
     **unused,
 ) -> Tuple[Tensor, Tensor, Dict]:
-    """Pure-PyTorch, differentiable equivalent of ``gsplat.rendering.rasterization`` (pinhole).
+    """Differentiable equivalent of ``gsplat.rendering.rasterization`` (pinhole) on any device.
+
+    ``kernels`` are the stages: this module's PyTorch functions (:data:`TORCH_KERNELS`, the
+    reference) or :data:`gvae_ns.render_cpp.CPP_KERNELS` (the compiled compositor).
 
     Shapes: ``means [N,3]``, ``quats [N,4]`` (wxyz, any norm), ``scales [N,3]`` (not log),
     ``opacities [N]``, ``colors [(C,)N,D]`` or SH coefficients ``[(C,)N,K,3]`` when ``sh_degree``
@@ -132,9 +214,9 @@ def rasterize_torch(
         tile_size, backgrounds, render_mode, rasterize_mode, D_in,
     )
     if covars is None:
-        covars = _quat_scale_to_covar(quats, scales)
+        covars = kernels.covariance(quats, scales)
 
-    proj = project_gaussians(
+    proj = kernels.project(
         means, covars, viewmats, Ks, width, height, eps2d=eps2d, near_plane=near_plane,
         far_plane=far_plane, radius_clip=radius_clip,
         calc_compensations=rasterize_mode == "antialiased",
@@ -150,7 +232,7 @@ def rasterize_torch(
         campos = torch.linalg.inv(viewmats)[:, :3, 3]  # [C, 3]
         dirs = means.unsqueeze(0) - campos.unsqueeze(1)  # [C, N, 3]
         coeffs = colors if colors.dim() == 4 else colors.unsqueeze(0).expand(C, *colors.shape)
-        feats = torch.clamp_min(eval_sh(sh_degree, dirs, coeffs) + 0.5, 0.0)
+        feats = torch.clamp_min(kernels.sh(sh_degree, dirs, coeffs) + 0.5, 0.0)
 
     bgs = backgrounds
     if render_mode in ("RGB+D", "RGB+ED"):
@@ -199,7 +281,7 @@ def rasterize_torch(
             opacities=opac,
         )
 
-    render_colors, render_alphas = composite(
+    render_colors, render_alphas = kernels.composite(
         means2d_in, conics, feats, opac, radii, depths, width, height,
         backgrounds=bgs, tile_size=tile_size, absgrad_sink=sink if absgrad else None,
     )
@@ -224,15 +306,15 @@ def rasterize_torch(
 def _check_unused(unused: Dict) -> None:
     """Refuse gsplat options this path cannot honour; warn about ones it ignores."""
     if unused.get("distributed"):
-        raise NotImplementedError("rasterize_torch: distributed=True needs gsplat on CUDA.")
+        raise NotImplementedError("rasterize: distributed=True needs gsplat on CUDA.")
     camera_model = unused.get("camera_model", "pinhole")
     if camera_model != "pinhole":
         raise NotImplementedError(
-            f"rasterize_torch: camera_model={camera_model!r} is not implemented; only 'pinhole'."
+            f"rasterize: camera_model={camera_model!r} is not implemented; only 'pinhole'."
         )
     ignored = sorted(set(unused) - {"distributed", "camera_model", "covars", "channel_chunk"})
     if ignored:
-        warnings.warn(f"rasterize_torch: ignoring unknown arguments {ignored}.", stacklevel=3)
+        warnings.warn(f"rasterize: ignoring unknown arguments {ignored}.", stacklevel=3)
 
 
 def _check_inputs(
@@ -253,14 +335,14 @@ def _check_inputs(
         expected.update(covars=(covars, (N, 3, 3)))
     for name, (tensor, shape) in expected.items():
         if tuple(tensor.shape) != shape:
-            raise ValueError(f"rasterize_torch: {name} must have shape {shape}, got {tuple(tensor.shape)}.")
+            raise ValueError(f"rasterize: {name} must have shape {shape}, got {tuple(tensor.shape)}.")
     if sh_degree is None:
         ok = (colors.dim() == 2 and colors.shape[0] == N) or (
             colors.dim() == 3 and tuple(colors.shape[:2]) == (C, N)
         )
         if not ok:
             raise ValueError(
-                f"rasterize_torch: colors must be [N, D] or [C, N, D] when sh_degree is None, got "
+                f"rasterize: colors must be [N, D] or [C, N, D] when sh_degree is None, got "
                 f"{tuple(colors.shape)} (N={N}, C={C})."
             )
     else:
@@ -269,35 +351,35 @@ def _check_inputs(
         )
         if not ok:
             raise ValueError(
-                f"rasterize_torch: colors must be SH coefficients [N, K, 3] or [C, N, K, 3] when "
+                f"rasterize: colors must be SH coefficients [N, K, 3] or [C, N, K, 3] when "
                 f"sh_degree is set, got {tuple(colors.shape)}."
             )
         if not 0 <= sh_degree <= 3:
-            raise ValueError(f"rasterize_torch: sh_degree must be in 0..3, got {sh_degree}.")
+            raise ValueError(f"rasterize: sh_degree must be in 0..3, got {sh_degree}.")
         if (sh_degree + 1) ** 2 > colors.shape[-2]:
             raise ValueError(
-                f"rasterize_torch: sh_degree={sh_degree} needs {(sh_degree + 1) ** 2} SH "
+                f"rasterize: sh_degree={sh_degree} needs {(sh_degree + 1) ** 2} SH "
                 f"coefficients, colors has {colors.shape[-2]}."
             )
     if render_mode not in _RENDER_MODES:
-        raise ValueError(f"rasterize_torch: render_mode must be one of {_RENDER_MODES}, got {render_mode!r}.")
+        raise ValueError(f"rasterize: render_mode must be one of {_RENDER_MODES}, got {render_mode!r}.")
     if rasterize_mode not in _RASTERIZE_MODES:
         raise ValueError(
-            f"rasterize_torch: rasterize_mode must be one of {_RASTERIZE_MODES}, got {rasterize_mode!r}."
+            f"rasterize: rasterize_mode must be one of {_RASTERIZE_MODES}, got {rasterize_mode!r}."
         )
     if width <= 0 or height <= 0 or tile_size <= 0:
         raise ValueError(
-            f"rasterize_torch: width, height, tile_size must be positive, got {width}, {height}, {tile_size}."
+            f"rasterize: width, height, tile_size must be positive, got {width}, {height}, {tile_size}."
         )
     if backgrounds is not None:
         D = 3 if sh_degree is not None else D_in
         if tuple(backgrounds.shape) != (C, D):
             raise ValueError(
-                f"rasterize_torch: backgrounds must be [C, D] = {(C, D)}, got {tuple(backgrounds.shape)}."
+                f"rasterize: backgrounds must be [C, D] = {(C, D)}, got {tuple(backgrounds.shape)}."
             )
 
 
-def _quat_scale_to_covar(quats: Tensor, scales: Tensor) -> Tensor:
+def quat_scale_to_covar(quats: Tensor, scales: Tensor) -> Tensor:
     """World covariances ``R S S R^T`` from (unnormalised, wxyz) quaternions and scales: ``[N,3,3]``."""
     w, x, y, z = F.normalize(quats, dim=-1).unbind(-1)
     R = torch.stack(
@@ -822,3 +904,7 @@ def world_to_camera(camera_to_worlds: Tensor) -> Tensor:
     viewmat[:, :3, 3:4] = -torch.bmm(R_inv, T)
     viewmat[:, 3, 3] = 1.0
     return viewmat
+
+
+TORCH_KERNELS = Kernels(composite, quat_scale_to_covar, project_gaussians, eval_sh)
+"""The pure-PyTorch stages: the reference every other path is tested against."""

@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 
 apt_pkgs=()
 dpkg -s libusb-1.0-0 >/dev/null 2>&1 || apt_pkgs+=(libusb-1.0-0)          # open3d (ns-export) needs it
+command -v g++ >/dev/null 2>&1 || apt_pkgs+=(g++)                          # builds the compiled CPU rasterizer
 if [ "${WITH_BROWSER:-0}" = 1 ] && ! command -v chromium >/dev/null 2>&1; then apt_pkgs+=(chromium); fi
 if [ ${#apt_pkgs[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

@@ -1,4 +1,8 @@
-"""The pure-PyTorch rasterizer against a brute-force per-pixel compositor and gsplat's conventions."""
+"""The pure-PyTorch rasterizer (the reference) against a brute-force per-pixel compositor and gsplat's conventions.
+
+These tests call ``rasterize_torch`` / ``composite`` explicitly; tests/test_render_cpp.py holds the
+compiled path to this reference. ``rasterize`` (the dispatcher) is used where the path does not matter.
+"""
 
 from __future__ import annotations
 
@@ -406,18 +410,24 @@ def test_packed_matches_unpacked():
     assert info_p["means2d"].absgrad.shape == (nnz, 2)
 
 
-def test_dispatcher_uses_torch_path_on_cpu(monkeypatch):
+def test_dispatcher_uses_cpu_path_on_cpu(monkeypatch):
+    """CPU tensors never reach gsplat; GVAE_RASTERIZER=torch selects this file's reference exactly."""
     import gsplat
 
     def fail(*args, **kwargs):
         raise AssertionError("gsplat.rasterization must not be called for CPU tensors")
 
     monkeypatch.setattr(gsplat, "rasterization", fail)
+    monkeypatch.setattr(render, "_cpu_choice", {})
     means, quats, scales, opacities, colors = _scene(10, seed=8)
     viewmats, Ks = _cameras(1)
-    img, alpha, info = rasterize(means, quats, scales, opacities, colors, viewmats, Ks, W, H)
     ref, ref_alpha, _ = rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, W, H)
+    monkeypatch.setenv(render.RASTERIZER_ENV, "torch")
+    img, alpha, info = rasterize(means, quats, scales, opacities, colors, viewmats, Ks, W, H)
     assert torch.equal(img, ref) and torch.equal(alpha, ref_alpha)
+    monkeypatch.delenv(render.RASTERIZER_ENV)
+    img, alpha, info = rasterize(means, quats, scales, opacities, colors, viewmats, Ks, W, H)  # default path
+    torch.testing.assert_close(img, ref, atol=1e-9, rtol=0)
 
 
 def test_chunking_does_not_change_the_render(monkeypatch):
