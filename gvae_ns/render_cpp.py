@@ -256,12 +256,14 @@ def project_gaussians_fast(
     """:func:`gvae_ns.render.project_gaussians` (gsplat's EWA projection) written element-wise over ``[C, N]``."""
     R = viewmats[:, :3, :3]
     t = viewmats[:, :3, 3]
-    mx, my, mz = (means[:, j].unsqueeze(0) for j in range(3))  # [1, N]
+    # unbind, not indexing: the backward of each index op would fill a zero tensor of the input's size
+    mx, my, mz = (v.unsqueeze(0) for v in means.unbind(-1))  # [1, N]
     r = [[R[:, i, j, None] for j in range(3)] for i in range(3)]  # [C, 1]
     x = r[0][0] * mx + r[0][1] * my + r[0][2] * mz + t[:, 0, None]
     y = r[1][0] * mx + r[1][1] * my + r[1][2] * mz + t[:, 1, None]
     z = r[2][0] * mx + r[2][1] * my + r[2][2] * mz + t[:, 2, None]
-    cov = [[covars[:, i, j].unsqueeze(0) for j in range(3)] for i in range(3)]  # [1, N]
+    flat = [v.unsqueeze(0) for v in covars.reshape(-1, 9).unbind(-1)]  # [1, N]
+    cov = [flat[3 * i : 3 * i + 3] for i in range(3)]
     # A = R Sigma, then Sigma_c = A R^T (symmetric: six entries)
     A = [[r[i][0] * cov[0][k] + r[i][1] * cov[1][k] + r[i][2] * cov[2][k] for k in range(3)] for i in range(3)]
 
