@@ -554,6 +554,142 @@ void backward_tiles(const Geometry& g, const int64_t* toff, const int32_t* ids, 
   }
 }
 
+inline float hsum4(__m128 v) {  // ((v0 + v1) + (v2 + v3)): a fixed order
+  const __m128 s = _mm_add_ps(v, _mm_shuffle_ps(v, v, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehl_ps(s, s)));
+}
+
+// The float backward with SSE2: each block's 16 pixels walk the block list back to front in
+// lockstep, from every pixel's own last consumed entry (masked per lane), recomputing the forward's
+// alphas bit for bit (the same sigma and fast_exp4). Per entry, the lanes' gradients are summed in a
+// fixed order and added to the entry's pair row.
+template <int DC>
+void backward_tiles_sse(const Geometry& g, const int64_t* toff, const int32_t* ids, const float* means2d,
+                        const float* conics, const float* colors, const float* opac, int D_, const Consts& k,
+                        const float* t_final, const int32_t* last, const float* v_out, const float* v_T,
+                        float* pair_grad) {
+  const int D = DC > 0 ? DC : D_;
+  const int64_t n_tiles = g.C * g.tiles();
+  const int R = kRowFixed + D;
+  const __m128 amin = _mm_set1_ps(static_cast<float>(k.alpha_min));
+  const __m128 amax = _mm_set1_ps(static_cast<float>(k.alpha_max));
+  const __m128 half = _mm_set1_ps(0.5f), one = _mm_set1_ps(1.0f), sign = _mm_set1_ps(-0.0f);
+  const std::vector<Entry<float>> packed = pack_entries(g, means2d, conics, opac, k.alpha_min);
+#pragma omp parallel num_threads(g.threads)
+  {
+    TileList<float> L;
+    std::vector<std::vector<int32_t>> lists;
+    // per block: [D][row][lane] d loss / d colour and colour behind; [R][lane] this entry's sums
+    std::vector<float> buf(static_cast<size_t>(2 * D) * kBlock * kBlock + static_cast<size_t>(R) * 4);
+    float* vo = buf.data();
+    float* later = vo + D * kBlock * kBlock;
+    float* gs = later + D * kBlock * kBlock;
+    alignas(16) float lane_f[4];
+    alignas(16) int32_t lane_i[4];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < n_tiles; ++t) {
+      const int64_t K = toff[t + 1] - toff[t];
+      if (K == 0) continue;
+      const TileFrame f = tile_frame(g, t);
+      L.gather(ids + toff[t], K, D, packed.data(), colors);
+      block_lists(L, f, lists);
+      float* rows_out = pair_grad + toff[t] * R;
+      for (int by = 0; by < f.nby; ++by) {
+        for (int bx = 0; bx < f.nbx; ++bx) {
+          const int x0 = f.x0 + bx * kBlock, y0 = f.y0 + by * kBlock;
+          const int w = std::min(kBlock, f.x0 + f.w - x0), h = std::min(kBlock, f.y0 + f.h - y0);
+          const __m128 px = _mm_add_ps(_mm_set_ps(x0 + 3.0f, x0 + 2.0f, x0 + 1.0f, x0 + 0.0f), half);
+          __m128 py[4], T[4], tv[4];
+          __m128i n_used[4];
+          int max_used = 0;
+          std::fill(vo, vo + 2 * D * kBlock * kBlock, 0.0f);  // vo and later
+          for (int r = 0; r < 4; ++r) {
+            py[r] = _mm_set1_ps(static_cast<float>(y0 + r) + 0.5f);
+            for (int q = 0; q < 4; ++q) {
+              lane_f[q] = 1.0f;
+              lane_i[q] = 0;
+            }
+            float tvl[4] = {0, 0, 0, 0};
+            if (r < h) {
+              const int64_t row = (static_cast<int64_t>(f.cam) * g.height + y0 + r) * g.width + x0;
+              for (int q = 0; q < w; ++q) {
+                lane_f[q] = t_final[row + q];
+                lane_i[q] = last[row + q];
+                tvl[q] = t_final[row + q] * v_T[row + q];  // T_final * dL/dT_final
+                max_used = std::max(max_used, lane_i[q]);
+                for (int d = 0; d < D; ++d) vo[(d * 4 + r) * 4 + q] = v_out[(row + q) * D + d];
+              }
+            }
+            T[r] = _mm_load_ps(lane_f);
+            n_used[r] = _mm_load_si128(reinterpret_cast<const __m128i*>(lane_i));
+            tv[r] = _mm_loadu_ps(tvl);
+          }
+          if (max_used == 0) continue;
+          const std::vector<int32_t>& list = lists[by * f.nbx + bx];
+          const int64_t end = std::lower_bound(list.begin(), list.end(), max_used) - list.begin();
+          for (int64_t j = end - 1; j >= 0; --j) {  // back to front
+            const int32_t i = list[j];
+            const Entry<float>& E = L.e[i];
+            const float* ci = &L.col[static_cast<int64_t>(i) * D];
+            const __m128 dx = _mm_sub_ps(_mm_set1_ps(E.mx), px);
+            const __m128 a = _mm_set1_ps(E.a), b = _mm_set1_ps(E.b), c = _mm_set1_ps(E.c);
+            const __m128 adxdx = _mm_mul_ps(_mm_mul_ps(a, dx), dx), bdx = _mm_mul_ps(b, dx);
+            const __m128 inv_op = _mm_set1_ps(1.0f / E.op);
+            const __m128i id = _mm_set1_epi32(i);
+            __m128 s[kRowFixed];
+            for (auto& v : s) v = _mm_setzero_ps();
+            std::fill(gs + kRowFixed * 4, gs + R * 4, 0.0f);
+            bool any = false;
+            for (int r = 0; r < 4; ++r) {
+              const __m128 dy = _mm_sub_ps(_mm_set1_ps(E.my), py[r]);
+              const __m128 sigma = _mm_add_ps(_mm_mul_ps(half, _mm_add_ps(adxdx, _mm_mul_ps(_mm_mul_ps(c, dy), dy))),
+                                              _mm_mul_ps(bdx, dy));
+              const __m128 raw = _mm_mul_ps(_mm_set1_ps(E.op), fast_exp4(_mm_xor_ps(sigma, sign)));
+              const __m128 active = _mm_castsi128_ps(_mm_cmpgt_epi32(n_used[r], id));  // i < n_used
+              const __m128 ok = _mm_and_ps(_mm_and_ps(_mm_cmple_ps(sigma, _mm_set1_ps(E.skip)),
+                                                      _mm_cmpge_ps(raw, amin)), active);
+              if (_mm_movemask_ps(ok) == 0) continue;
+              any = true;
+              const __m128 alpha = _mm_and_ps(ok, _mm_min_ps(raw, amax));
+              const __m128 ra = _mm_div_ps(one, _mm_sub_ps(one, alpha));  // 1 where skipped
+              T[r] = _mm_mul_ps(T[r], ra);                                // transmittance in front of entry i
+              const __m128 wgt = _mm_mul_ps(alpha, T[r]);
+              __m128 v_alpha = _mm_sub_ps(_mm_setzero_ps(), _mm_mul_ps(tv[r], ra));
+              for (int d = 0; d < D; ++d) {
+                float* ld = later + (d * 4 + r) * 4;
+                const __m128 vd = _mm_loadu_ps(vo + (d * 4 + r) * 4);
+                const __m128 cd = _mm_set1_ps(ci[d]);
+                const __m128 lat = _mm_loadu_ps(ld);
+                float* gd = gs + (kRowFixed + d) * 4;
+                _mm_storeu_ps(gd, _mm_add_ps(_mm_loadu_ps(gd), _mm_mul_ps(wgt, vd)));
+                v_alpha = _mm_add_ps(v_alpha, _mm_mul_ps(_mm_sub_ps(_mm_mul_ps(cd, T[r]), _mm_mul_ps(lat, ra)), vd));
+                _mm_storeu_ps(ld, _mm_add_ps(lat, _mm_mul_ps(wgt, cd)));
+              }
+              const __m128 free = _mm_and_ps(ok, _mm_cmple_ps(raw, amax));  // clamped alphas pass no gradient
+              const __m128 v_sigma = _mm_and_ps(free, _mm_xor_ps(_mm_mul_ps(raw, v_alpha), sign));
+              const __m128 gx = _mm_mul_ps(v_sigma, _mm_add_ps(_mm_mul_ps(a, dx), _mm_mul_ps(b, dy)));
+              const __m128 gy = _mm_mul_ps(v_sigma, _mm_add_ps(bdx, _mm_mul_ps(c, dy)));
+              const __m128 hv = _mm_mul_ps(half, v_sigma);
+              s[0] = _mm_add_ps(s[0], gx);
+              s[1] = _mm_add_ps(s[1], gy);
+              s[2] = _mm_add_ps(s[2], _mm_mul_ps(_mm_mul_ps(hv, dx), dx));
+              s[3] = _mm_add_ps(s[3], _mm_mul_ps(_mm_mul_ps(v_sigma, dx), dy));
+              s[4] = _mm_add_ps(s[4], _mm_mul_ps(_mm_mul_ps(hv, dy), dy));
+              s[5] = _mm_add_ps(s[5], _mm_and_ps(free, _mm_mul_ps(_mm_mul_ps(raw, inv_op), v_alpha)));
+              s[6] = _mm_add_ps(s[6], _mm_andnot_ps(sign, gx));
+              s[7] = _mm_add_ps(s[7], _mm_andnot_ps(sign, gy));
+            }
+            if (!any) continue;
+            float* row = rows_out + static_cast<int64_t>(i) * R;
+            for (int q = 0; q < kRowFixed; ++q) row[q] += hsum4(s[q]);
+            for (int d = 0; d < D; ++d) row[kRowFixed + d] += hsum4(_mm_loadu_ps(gs + (kRowFixed + d) * 4));
+          }
+        }
+      }
+    }
+  }
+}
+
 // out[f] = sum of the pair rows of Gaussian f, always in the same order (thread-count independent).
 template <typename scalar_t>
 void sum_pair_rows(const scalar_t* pair_grad, const int64_t* goff, const int32_t* slot, int64_t CN, int R,
@@ -787,6 +923,18 @@ int gvr_backward(int dbl, int C, int N, int W, int H, int ts, int threads, int D
                  void* grad) {
   GVR_GEOMETRY;
   const Consts k{alpha_min, alpha_max, t_min};
+  if (!dbl) {  // float: the SSE2 lockstep walk
+    try {
+      using scalar_t = float;
+      WITH_CHANNELS(D, backward_tiles_sse<DC>(g, toff, ids, F(means2d), F(conics), F(colors), F(opac), D, k,
+                                               F(t_final), last, F(v_out), F(v_T), static_cast<float*>(pair_grad)));
+      sum_pair_rows<float>(static_cast<const float*>(pair_grad), goff, slot, static_cast<int64_t>(C) * N,
+                           kRowFixed + D, static_cast<float*>(grad), g.threads);
+    } catch (const std::bad_alloc&) {
+      return 1;
+    }
+    return 0;
+  }
   GVR_DISPATCH(WITH_CHANNELS(D, backward_tiles<scalar_t, DC>(g, toff, ids, F(means2d), F(conics), F(colors),
                                                               F(opac), D, k, F(t_final), last, F(v_out), F(v_T),
                                                               static_cast<scalar_t*>(pair_grad)));
