@@ -1,11 +1,12 @@
 """The compiled CPU rasterizer: gsplat's tile algorithm in C++ with OpenMP, behind ``rasterize``'s contract.
 
-Projection, SH evaluation and covariances are :mod:`gvae_ns.render`'s PyTorch code (a small share of
-a render; see ``scripts/bench_render_cpp.py``); this module swaps in only the compositor.
+Projection and covariances stay PyTorch (element-wise rewrites of :mod:`gvae_ns.render`'s, a small
+share of a step; see ``scripts/bench_render_cpp.py``); compositing and SH colours are compiled.
 ``csrc/rasterize_cpu.cpp`` bins Gaussians into 16x16 tiles with per-tile depth-sorted lists,
 composites each pixel front to back with early termination (the constants and stopping rule of
 ``gvae_ns.render``), and runs the backward pass back to front from the saved final transmittance
-and the count of list entries each pixel consumed, in parallel over tiles.
+and the count of list entries each pixel consumed, in parallel over tiles (4x4-pixel blocks of a
+tile walk their narrowed lists in lockstep, SSE2 in float32). It also evaluates SH colours.
 
 The C++ file has a plain C interface and includes no PyTorch header, so building it is one
 ``g++ -O3 -fopenmp -shared`` call of a few seconds (a ``torch.utils.cpp_extension`` build spends a

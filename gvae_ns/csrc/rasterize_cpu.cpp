@@ -12,10 +12,17 @@
 //    the pixel stops before the Gaussian that would take its transmittance to <= t_min;
 //  * the backward pass walks each pixel's list back to front from the saved final transmittance and
 //    the saved count of list entries it consumed, recomputing alphas.
+// Inside a tile, every 4x4 block of pixels keeps the positions of the entries that can reach it; in
+// float, the block's 16 pixels walk that list in lockstep with SSE2 (baseline x86-64, so no -march
+// flag), each lane doing exactly what a per-pixel walk does. float64 takes the scalar per-pixel walk.
 // Gradients are accumulated per (tile, list entry) pair, one tile per thread at a time, then summed
 // per Gaussian in a fixed order: results do not depend on the number of threads, and no atomics.
+// SH colours (degrees 0..3) and their backward are here too; projection stays in PyTorch.
 
+#if defined(__SSE2__)
 #include <emmintrin.h>  // SSE2: part of every x86-64 CPU, so no -march flag is needed
+#define GVR_SSE2 1
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -241,6 +248,7 @@ inline float fast_exp(float x) {
 }
 inline double fast_exp(double x) { return std::exp(x); }
 
+#if GVR_SSE2
 inline __m128 fast_exp4(__m128 x) {
   const __m128 t = _mm_mul_ps(x, _mm_set1_ps(1.44269504088896341f));
   const __m128 m = _mm_add_ps(t, _mm_set1_ps(12582912.0f));
@@ -258,6 +266,7 @@ inline __m128 fast_exp4(__m128 x) {
   const __m128i bits = _mm_slli_epi32(_mm_add_epi32(n, _mm_set1_epi32(127)), 23);
   return _mm_mul_ps(p, _mm_castsi128_ps(bits));
 }
+#endif
 
 // alpha of list entry k at pixel centre (px, py); returns false when the pair is skipped.
 template <typename scalar_t>
@@ -378,6 +387,7 @@ void forward_tiles(const Geometry& g, const int64_t* toff, const int32_t* ids, c
   }
 }
 
+#if GVR_SSE2
 // The float forward with SSE2: the 16 pixels of a 4x4 block walk the block's list in lockstep, four
 // lanes per register. Per pixel it does exactly what forward_tiles does (same operations, same order,
 // same stopping rule), so results are bit-identical to the scalar walk; it only stops a block when all
@@ -476,6 +486,8 @@ void forward_tiles_sse(const Geometry& g, const int64_t* toff, const int32_t* id
   }
 }
 
+#endif  // GVR_SSE2
+
 // Per-pair gradient row: v_mean x, y, v_conic a, b, c, v_opacity, |v_mean| x, y, v_color[D].
 constexpr int kRowFixed = 8;
 
@@ -554,6 +566,7 @@ void backward_tiles(const Geometry& g, const int64_t* toff, const int32_t* ids, 
   }
 }
 
+#if GVR_SSE2
 inline float hsum4(__m128 v) {  // ((v0 + v1) + (v2 + v3)): a fixed order
   const __m128 s = _mm_add_ps(v, _mm_shuffle_ps(v, v, _MM_SHUFFLE(2, 3, 0, 1)));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehl_ps(s, s)));
@@ -689,6 +702,8 @@ void backward_tiles_sse(const Geometry& g, const int64_t* toff, const int32_t* i
     }
   }
 }
+
+#endif  // GVR_SSE2
 
 // out[f] = sum of the pair rows of Gaussian f, always in the same order (thread-count independent).
 template <typename scalar_t>
@@ -898,6 +913,7 @@ int gvr_forward(int dbl, int C, int N, int W, int H, int ts, int threads, int D,
                 double alpha_min, double alpha_max, double t_min, void* out, void* t_final, int32_t* last) {
   GVR_GEOMETRY;
   const Consts k{alpha_min, alpha_max, t_min};
+#if GVR_SSE2
   if (!dbl) {  // float: the SSE2 lockstep walk (bit-identical to forward_tiles<float>)
     try {
       using scalar_t = float;
@@ -908,6 +924,7 @@ int gvr_forward(int dbl, int C, int N, int W, int H, int ts, int threads, int D,
     }
     return 0;
   }
+#endif
   GVR_DISPATCH(WITH_CHANNELS(D, forward_tiles<scalar_t, DC>(g, toff, ids, F(means2d), F(conics), F(colors),
                                                              F(opac), D, k, static_cast<scalar_t*>(out),
                                                              static_cast<scalar_t*>(t_final), last)))
@@ -923,6 +940,7 @@ int gvr_backward(int dbl, int C, int N, int W, int H, int ts, int threads, int D
                  void* grad) {
   GVR_GEOMETRY;
   const Consts k{alpha_min, alpha_max, t_min};
+#if GVR_SSE2
   if (!dbl) {  // float: the SSE2 lockstep walk
     try {
       using scalar_t = float;
@@ -935,6 +953,7 @@ int gvr_backward(int dbl, int C, int N, int W, int H, int ts, int threads, int D
     }
     return 0;
   }
+#endif
   GVR_DISPATCH(WITH_CHANNELS(D, backward_tiles<scalar_t, DC>(g, toff, ids, F(means2d), F(conics), F(colors),
                                                               F(opac), D, k, F(t_final), last, F(v_out), F(v_T),
                                                               static_cast<scalar_t*>(pair_grad)));
