@@ -18,8 +18,7 @@ For a Blender-format dataset whose test views are at the full (target) resolutio
 
 Stock splatfacto needs CUDA (gsplat's rasterizer). Without CUDA the baselines are ``gaussianvae`` with one
 stage at the training data's resolution and no refinement, i.e. splatfacto's densification and losses with the
-CPU renderer (gvae_ns.render's compiled C++ rasterizer, or its PyTorch reference); they are labelled
-"splatfacto ... (CPU renderer)".
+pure-PyTorch renderer; they are labelled "splatfacto ... (CPU renderer)".
 
 Every finished piece is recorded on disk (``runs/<run>/train.json``, ``refinements/<row>.json``,
 ``rows/<row>.json``) with a fingerprint of what made it, so running the same command again skips the work
@@ -1048,7 +1047,7 @@ def environment(cfg: BenchConfig) -> Dict[str, Any]:
     if torch.cuda.is_available():
         device = f"CUDA: {torch.cuda.get_device_name(0)}"
     else:
-        device = f"CPU ({os.cpu_count()} cores, gvae_ns CPU renderer, GVAE_RASTERIZER={os.environ.get('GVAE_RASTERIZER', 'auto')})"
+        device = f"CPU ({os.cpu_count()} cores, pure-PyTorch renderer)"
     stock = use_stock_splatfacto(cfg)
     return {
         "device": device,
@@ -1057,7 +1056,7 @@ def environment(cfg: BenchConfig) -> Dict[str, Any]:
         "gsplat": installed("gsplat"),
         "baselines": "stock ns-train splatfacto (gsplat)" if stock else (
             "splatfacto (CPU renderer): gaussianvae with one stage at the training resolution and no refinement, "
-            "i.e. splatfacto's densification and losses rendered by gvae_ns's CPU rasterizer"),
+            "i.e. splatfacto's densification and losses rendered by the pure-PyTorch rasterizer"),
     }
 
 
