@@ -2,7 +2,7 @@
 
 Same optimiser settings as splatfacto; the step budget is the stage schedule's. Every nerfstudio dataparser
 works (``blender-data``, ``nerfstudio-data``, ``colmap`` ...). The device defaults to CUDA when it is there
-and to the pure-PyTorch CPU renderer otherwise.
+and to the CPU rasterizer (compiled C++, PyTorch fallback) otherwise.
 """
 
 from __future__ import annotations

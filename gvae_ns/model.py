@@ -4,7 +4,7 @@ What it changes in ``SplatfactoModel``:
 
 * the training resolution follows :class:`~gvae_ns.stages.StageSchedule` (e.g. 1/8, 1/4, 1/2 of the
   images), never the data's full resolution unless a stage asks for factor 1;
-* rendering goes through :func:`gvae_ns.render.rasterize` (gsplat on CUDA, pure PyTorch on CPU) and every
+* rendering goes through :func:`gvae_ns.render.rasterize` (gsplat on CUDA, the compiled CPU rasterizer or its PyTorch reference on CPU) and every
   tensor follows the model's device, so the whole method runs on CPU;
 * LPIPS is built only where its weights are already on disk (no downloads);
 * densification runs through :class:`~gvae_ns.lineage.recorder.LineageStrategy`, which records every

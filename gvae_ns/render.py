@@ -17,8 +17,8 @@ fallback). Both follow gsplat's math step by step:
 
 Nothing is dense in ``N x H*W``. The image is cut into 4x4-pixel blocks; each block gets the
 depth-sorted list of the Gaussians whose ``alpha >= 1/255`` ellipse reaches one of its pixels
-(exact ellipse/box test). In the PyTorch compositor, blocks with lists of similar length are padded into ``[B, 16, K]``
-batches in which every step is a dense tensor op: ``log(opacity) - sigma`` is a quadratic in the
+(exact ellipse/box test). In the PyTorch compositor, blocks with lists of similar length are
+padded into ``[B, 16, K]`` batches in which every step is a dense tensor op: ``log(opacity) - sigma`` is a quadratic in the
 pixel offset, so all exponents come from one matmul; transmittance is a ``cumsum`` of
 ``log(1 - alpha)`` along ``K``. Compositing is a ``torch.autograd.Function`` with a hand-written
 backward that keeps only the block lists (cut after each block's last contributing Gaussian) and

@@ -1,11 +1,12 @@
 """The compiled CPU rasterizer: gsplat's tile algorithm in C++ with OpenMP, behind ``rasterize``'s contract.
 
-Projection, SH evaluation and covariances are :mod:`gvae_ns.render`'s PyTorch code (a small share of
-a render; see ``scripts/bench_render_cpp.py``); this module swaps in only the compositor.
+Projection and covariances stay PyTorch (element-wise rewrites of :mod:`gvae_ns.render`'s, a small
+share of a step; see ``scripts/bench_render_cpp.py``); compositing and SH colours are compiled.
 ``csrc/rasterize_cpu.cpp`` bins Gaussians into 16x16 tiles with per-tile depth-sorted lists,
 composites each pixel front to back with early termination (the constants and stopping rule of
 ``gvae_ns.render``), and runs the backward pass back to front from the saved final transmittance
-and the count of list entries each pixel consumed, in parallel over tiles.
+and the count of list entries each pixel consumed, in parallel over tiles (4x4-pixel blocks of a
+tile walk their narrowed lists in lockstep, SSE2 in float32). It also evaluates SH colours.
 
 The C++ file has a plain C interface and includes no PyTorch header, so building it is one
 ``g++ -O3 -fopenmp -shared`` call of a few seconds (a ``torch.utils.cpp_extension`` build spends a
@@ -256,12 +257,14 @@ def project_gaussians_fast(
     """:func:`gvae_ns.render.project_gaussians` (gsplat's EWA projection) written element-wise over ``[C, N]``."""
     R = viewmats[:, :3, :3]
     t = viewmats[:, :3, 3]
-    mx, my, mz = (means[:, j].unsqueeze(0) for j in range(3))  # [1, N]
+    # unbind, not indexing: the backward of each index op would fill a zero tensor of the input's size
+    mx, my, mz = (v.unsqueeze(0) for v in means.unbind(-1))  # [1, N]
     r = [[R[:, i, j, None] for j in range(3)] for i in range(3)]  # [C, 1]
     x = r[0][0] * mx + r[0][1] * my + r[0][2] * mz + t[:, 0, None]
     y = r[1][0] * mx + r[1][1] * my + r[1][2] * mz + t[:, 1, None]
     z = r[2][0] * mx + r[2][1] * my + r[2][2] * mz + t[:, 2, None]
-    cov = [[covars[:, i, j].unsqueeze(0) for j in range(3)] for i in range(3)]  # [1, N]
+    flat = [v.unsqueeze(0) for v in covars.reshape(-1, 9).unbind(-1)]  # [1, N]
+    cov = [flat[3 * i : 3 * i + 3] for i in range(3)]
     # A = R Sigma, then Sigma_c = A R^T (symmetric: six entries)
     A = [[r[i][0] * cov[0][k] + r[i][1] * cov[1][k] + r[i][2] * cov[2][k] for k in range(3)] for i in range(3)]
 

@@ -90,7 +90,7 @@ def check_run_config(config: TrainerConfig) -> None:
     if config.machine.device_type == "cuda" and not torch.cuda.is_available():
         raise RunConfigError(
             "machine.device_type is 'cuda' but no CUDA device is visible. Use --machine.device-type cpu "
-            "(the pure-PyTorch renderer) or run on a GPU machine."
+            "(the CPU rasterizer) or run on a GPU machine."
         )
     if config.machine.device_type != "cuda" and config.mixed_precision:
         raise RunConfigError("mixed_precision needs CUDA; drop --mixed-precision for a CPU run.")

@@ -12,12 +12,22 @@
 //    the pixel stops before the Gaussian that would take its transmittance to <= t_min;
 //  * the backward pass walks each pixel's list back to front from the saved final transmittance and
 //    the saved count of list entries it consumed, recomputing alphas.
+// Inside a tile, every 4x4 block of pixels keeps the positions of the entries that can reach it; in
+// float, the block's 16 pixels walk that list in lockstep with SSE2 (baseline x86-64, so no -march
+// flag), each lane doing exactly what a per-pixel walk does. float64 takes the scalar per-pixel walk.
 // Gradients are accumulated per (tile, list entry) pair, one tile per thread at a time, then summed
 // per Gaussian in a fixed order: results do not depend on the number of threads, and no atomics.
+// SH colours (degrees 0..3) and their backward are here too; projection stays in PyTorch.
+
+#if defined(__SSE2__)
+#include <emmintrin.h>  // SSE2: part of every x86-64 CPU, so no -march flag is needed
+#define GVR_SSE2 1
+#endif
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <new>
 #include <utility>
 #include <vector>
@@ -32,6 +42,14 @@ double min_sigma_in_box(double a, double b, double c, double lx, double hx, doub
   auto along_y = [&](double dx) { return sigma(dx, std::min(std::max(-b * dx / c, ly), hy)); };
   auto along_x = [&](double dy) { return sigma(std::min(std::max(-b * dy / a, lx), hx), dy); };
   return std::min(std::min(along_y(lx), along_y(hx)), std::min(along_x(ly), along_x(hy)));
+}
+
+// Whether some d in the box has 0.5 d^T conic d <= thresh; a cheap accept at the box centre first
+// (most boxes a large Gaussian reaches), then the exact minimum.
+inline bool box_reaches(double a, double b, double c, double lx, double hx, double ly, double hy, double thresh) {
+  const double mx = 0.5 * (lx + hx), my = 0.5 * (ly + hy);
+  if (0.5 * (a * mx * mx + c * my * my) + b * mx * my <= thresh) return true;
+  return min_sigma_in_box(a, b, c, lx, hx, ly, hy) <= thresh;
 }
 
 // gsplat's tile range [x0, x1) x [y0, y1) of a radius box, in the working precision (bit-identical
@@ -77,8 +95,7 @@ void for_each_tile(const Geometry& g, int64_t f, const scalar_t* means2d, const 
     const double lo_y = ty * ts + 0.5, hi_y = std::min((ty + 1) * ts, g.height) - 0.5;
     for (int tx = x0; tx < x1; ++tx) {
       const double lo_x = tx * ts + 0.5, hi_x = std::min((tx + 1) * ts, g.width) - 0.5;
-      const double s = min_sigma_in_box(a, b, c, mx - hi_x, mx - lo_x, my - hi_y, my - lo_y);
-      if (s <= level + tol) fn(static_cast<int64_t>(cam) * g.tiles() + static_cast<int64_t>(ty) * g.tiles_x + tx);
+      if (box_reaches(a, b, c, mx - hi_x, mx - lo_x, my - hi_y, my - lo_y, level + tol)) fn(static_cast<int64_t>(cam) * g.tiles() + static_cast<int64_t>(ty) * g.tiles_x + tx);
     }
   }
 }
@@ -165,31 +182,91 @@ struct TileList {
   std::vector<Entry<scalar_t>> e;
   std::vector<scalar_t> col;
   int64_t K = 0;
-  void gather(const int32_t* ids, int64_t K_, int D, const scalar_t* means2d, const scalar_t* conics,
-              const scalar_t* opac, const scalar_t* colors, double alpha_min) {
+  void gather(const int32_t* ids, int64_t K_, int D, const Entry<scalar_t>* packed, const scalar_t* colors) {
     K = K_;
     e.resize(K);
     col.resize(K * D);
     for (int64_t k = 0; k < K; ++k) {
       const int64_t f = ids[k];
-      Entry<scalar_t>& x = e[k];
-      x.mx = means2d[2 * f];
-      x.my = means2d[2 * f + 1];
-      x.a = conics[3 * f];
-      x.b = conics[3 * f + 1];
-      x.c = conics[3 * f + 2];
-      x.op = opac[f];
-      const double level = std::log(static_cast<double>(x.op) / alpha_min);
-      x.level = static_cast<scalar_t>(level);
-      x.skip = static_cast<scalar_t>(level + 1e-3);
+      e[k] = packed[f];
       for (int d = 0; d < D; ++d) col[k * D + d] = colors[f * D + d];
     }
   }
 };
 
+// Every Gaussian's entry, built once per call in flat order: a tile's gather then reads one packed
+// record per list entry (instead of four scattered arrays) and the logarithm is taken once.
+template <typename scalar_t>
+std::vector<Entry<scalar_t>> pack_entries(const Geometry& g, const scalar_t* means2d, const scalar_t* conics,
+                                          const scalar_t* opac, double alpha_min) {
+  const int64_t CN = static_cast<int64_t>(g.C) * g.N;
+  std::vector<Entry<scalar_t>> packed(CN);
+#pragma omp parallel for schedule(static) num_threads(g.threads)
+  for (int64_t f = 0; f < CN; ++f) {
+    Entry<scalar_t>& x = packed[f];
+    x.mx = means2d[2 * f];
+    x.my = means2d[2 * f + 1];
+    x.a = conics[3 * f];
+    x.b = conics[3 * f + 1];
+    x.c = conics[3 * f + 2];
+    x.op = opac[f];
+    const double level = std::log(static_cast<double>(x.op) / alpha_min);
+    x.level = static_cast<scalar_t>(level);
+    x.skip = static_cast<scalar_t>(level + 1e-3);
+  }
+  return packed;
+}
+
 struct Consts {
   double alpha_min, alpha_max, t_min;
 };
+
+// exp of the per-pixel exponents. float: a branch-free Cephes-style expf (within 1.3 ulp of exp on
+// [-8, 0]) written once in scalar code and once in SSE2 (fast_exp4) with the same operations in the
+// same order, so the vectorized forward and the scalar backward get bit-identical alphas. No clamp:
+// it is only used where sigma <= skip (about 6.6 at most); far outside (x < -87) it is meaningless.
+// double: std::exp (the path the float64 tests use).
+inline float fast_exp(float x) {
+  const float t = x * 1.44269504088896341f;
+  const float m = t + 12582912.0f;  // 1.5 * 2^23: the low mantissa bits of m hold round(t)
+  const float fn = m - 12582912.0f;
+  uint32_t mb;
+  std::memcpy(&mb, &m, sizeof(mb));
+  const uint32_t n = mb - 0x4B400000u;
+  const float r = (x - fn * 0.693359375f) + fn * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const uint32_t bits = (n + 127u) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+inline double fast_exp(double x) { return std::exp(x); }
+
+#if GVR_SSE2
+inline __m128 fast_exp4(__m128 x) {
+  const __m128 t = _mm_mul_ps(x, _mm_set1_ps(1.44269504088896341f));
+  const __m128 m = _mm_add_ps(t, _mm_set1_ps(12582912.0f));
+  const __m128 fn = _mm_sub_ps(m, _mm_set1_ps(12582912.0f));
+  const __m128i n = _mm_sub_epi32(_mm_castps_si128(m), _mm_set1_epi32(0x4B400000));
+  const __m128 r = _mm_add_ps(_mm_sub_ps(x, _mm_mul_ps(fn, _mm_set1_ps(0.693359375f))),
+                              _mm_mul_ps(fn, _mm_set1_ps(2.12194440e-4f)));
+  __m128 p = _mm_set1_ps(1.9875691500e-4f);
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.3981999507e-3f));
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(8.3334519073e-3f));
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(4.1665795894e-2f));
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.6666665459e-1f));
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(5.0000001201e-1f));
+  p = _mm_add_ps(_mm_add_ps(_mm_mul_ps(_mm_mul_ps(p, r), r), r), _mm_set1_ps(1.0f));
+  const __m128i bits = _mm_slli_epi32(_mm_add_epi32(n, _mm_set1_epi32(127)), 23);
+  return _mm_mul_ps(p, _mm_castsi128_ps(bits));
+}
+#endif
 
 // alpha of list entry k at pixel centre (px, py); returns false when the pair is skipped.
 template <typename scalar_t>
@@ -199,7 +276,7 @@ inline bool entry_alpha(const Entry<scalar_t>& E, scalar_t px, scalar_t py, scal
   dy = E.my - py;
   const scalar_t sigma = static_cast<scalar_t>(0.5) * (E.a * dx * dx + E.c * dy * dy) + E.b * dx * dy;
   if (sigma > E.skip) return false;
-  raw = E.op * std::exp(-sigma);
+  raw = E.op * fast_exp(-sigma);
   if (!(raw >= amin)) return false;
   alpha = raw < amax ? raw : amax;
   return true;
@@ -255,7 +332,7 @@ void block_lists(const TileList<scalar_t>& L, const TileFrame& f, std::vector<st
       const double py_lo = f.y0 + by * kBlock + 0.5, py_hi = f.y0 + std::min(f.h, (by + 1) * kBlock) - 0.5;
       for (int bx = bx0; bx < bx1; ++bx) {
         const double px_lo = f.x0 + bx * kBlock + 0.5, px_hi = f.x0 + std::min(f.w, (bx + 1) * kBlock) - 0.5;
-        if (min_sigma_in_box(a, b, c, mx - px_hi, mx - px_lo, my - py_hi, my - py_lo) <= level + tol)
+        if (box_reaches(a, b, c, mx - px_hi, mx - px_lo, my - py_hi, my - py_lo, level + tol))
           lists[by * f.nbx + bx].push_back(static_cast<int32_t>(k));
       }
     }
@@ -271,6 +348,7 @@ void forward_tiles(const Geometry& g, const int64_t* toff, const int32_t* ids, c
   const int64_t n_tiles = g.C * g.tiles();
   const scalar_t amin = static_cast<scalar_t>(k.alpha_min), amax = static_cast<scalar_t>(k.alpha_max);
   const scalar_t tmin = static_cast<scalar_t>(k.t_min);
+  const std::vector<Entry<scalar_t>> packed = pack_entries(g, means2d, conics, opac, k.alpha_min);
 #pragma omp parallel num_threads(g.threads)
   {
     TileList<scalar_t> L;
@@ -279,7 +357,7 @@ void forward_tiles(const Geometry& g, const int64_t* toff, const int32_t* ids, c
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < n_tiles; ++t) {
       const TileFrame f = tile_frame(g, t);
-      L.gather(ids + toff[t], toff[t + 1] - toff[t], D, means2d, conics, opac, colors, k.alpha_min);
+      L.gather(ids + toff[t], toff[t + 1] - toff[t], D, packed.data(), colors);
       block_lists(L, f, lists);
       for (int y = f.y0; y < f.y0 + f.h; ++y) {
         for (int x = f.x0; x < f.x0 + f.w; ++x) {
@@ -309,6 +387,107 @@ void forward_tiles(const Geometry& g, const int64_t* toff, const int32_t* ids, c
   }
 }
 
+#if GVR_SSE2
+// The float forward with SSE2: the 16 pixels of a 4x4 block walk the block's list in lockstep, four
+// lanes per register. Per pixel it does exactly what forward_tiles does (same operations, same order,
+// same stopping rule), so results are bit-identical to the scalar walk; it only stops a block when all
+// of its pixels have stopped.
+template <int DC>
+void forward_tiles_sse(const Geometry& g, const int64_t* toff, const int32_t* ids, const float* means2d,
+                       const float* conics, const float* colors, const float* opac, int D_, const Consts& k,
+                       float* out, float* t_final, int32_t* last) {
+  static_assert(kBlock == 4, "one SSE register per block row");
+  const int D = DC > 0 ? DC : D_;
+  const int64_t n_tiles = g.C * g.tiles();
+  const __m128 amin = _mm_set1_ps(static_cast<float>(k.alpha_min));
+  const __m128 amax = _mm_set1_ps(static_cast<float>(k.alpha_max));
+  const __m128 tmin = _mm_set1_ps(static_cast<float>(k.t_min));
+  const __m128 half = _mm_set1_ps(0.5f), one = _mm_set1_ps(1.0f);
+  const __m128 sign = _mm_set1_ps(-0.0f);
+  const std::vector<Entry<float>> packed = pack_entries(g, means2d, conics, opac, k.alpha_min);
+#pragma omp parallel num_threads(g.threads)
+  {
+    TileList<float> L;
+    std::vector<std::vector<int32_t>> lists;
+    std::vector<float> acc_buf(static_cast<size_t>(D) * kBlock * kBlock);  // [D][row][lane]
+    float* acc = acc_buf.data();
+    alignas(16) float lane_f[4];
+    alignas(16) int32_t lane_i[4];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < n_tiles; ++t) {
+      const TileFrame f = tile_frame(g, t);
+      L.gather(ids + toff[t], toff[t + 1] - toff[t], D, packed.data(), colors);
+      block_lists(L, f, lists);
+      for (int by = 0; by < f.nby; ++by) {
+        for (int bx = 0; bx < f.nbx; ++bx) {
+          const int x0 = f.x0 + bx * kBlock, y0 = f.y0 + by * kBlock;
+          const int w = std::min(kBlock, f.x0 + f.w - x0), h = std::min(kBlock, f.y0 + f.h - y0);
+          const __m128 px = _mm_add_ps(_mm_set_ps(x0 + 3.0f, x0 + 2.0f, x0 + 1.0f, x0 + 0.0f), half);
+          __m128 py[4], T[4], live[4];
+          __m128i n_used[4];
+          int n_live = 0;
+          for (int r = 0; r < 4; ++r) {
+            py[r] = _mm_set1_ps(static_cast<float>(y0 + r) + 0.5f);
+            T[r] = one;
+            n_used[r] = _mm_setzero_si128();
+            for (int q = 0; q < 4; ++q) lane_i[q] = (r < h && q < w) ? -1 : 0;
+            live[r] = _mm_castsi128_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(lane_i)));
+            n_live += (r < h) ? w : 0;
+          }
+          std::fill(acc, acc + D * kBlock * kBlock, 0.0f);
+          for (const int32_t i : lists[by * f.nbx + bx]) {
+            const Entry<float>& E = L.e[i];
+            const float* ci = &L.col[static_cast<int64_t>(i) * D];
+            const __m128 dx = _mm_sub_ps(_mm_set1_ps(E.mx), px);
+            const __m128 a = _mm_set1_ps(E.a), b = _mm_set1_ps(E.b), c = _mm_set1_ps(E.c);
+            const __m128 adxdx = _mm_mul_ps(_mm_mul_ps(a, dx), dx), bdx = _mm_mul_ps(b, dx);
+            const __m128i next_id = _mm_set1_epi32(i + 1);
+            int n_stop = 0;
+            for (int r = 0; r < 4; ++r) {
+              const __m128 dy = _mm_sub_ps(_mm_set1_ps(E.my), py[r]);
+              const __m128 sigma = _mm_add_ps(_mm_mul_ps(half, _mm_add_ps(adxdx, _mm_mul_ps(_mm_mul_ps(c, dy), dy))),
+                                              _mm_mul_ps(bdx, dy));
+              const __m128 raw = _mm_mul_ps(_mm_set1_ps(E.op), fast_exp4(_mm_xor_ps(sigma, sign)));
+              const __m128 hit = _mm_and_ps(_mm_and_ps(_mm_cmple_ps(sigma, _mm_set1_ps(E.skip)),
+                                                       _mm_cmpge_ps(raw, amin)), live[r]);
+              if (_mm_movemask_ps(hit) == 0) continue;
+              const __m128 alpha = _mm_and_ps(hit, _mm_min_ps(raw, amax));
+              const __m128 next_T = _mm_mul_ps(T[r], _mm_sub_ps(one, alpha));
+              const __m128 stop = _mm_and_ps(hit, _mm_cmple_ps(next_T, tmin));
+              const __m128 take = _mm_andnot_ps(stop, hit);
+              const __m128 wgt = _mm_and_ps(take, _mm_mul_ps(alpha, T[r]));
+              for (int d = 0; d < D; ++d) {
+                float* ad = acc + (d * 4 + r) * 4;
+                _mm_storeu_ps(ad, _mm_add_ps(_mm_loadu_ps(ad), _mm_mul_ps(wgt, _mm_set1_ps(ci[d]))));
+              }
+              T[r] = _mm_or_ps(_mm_and_ps(take, next_T), _mm_andnot_ps(take, T[r]));
+              const __m128i take_i = _mm_castps_si128(take);
+              n_used[r] = _mm_or_si128(_mm_and_si128(take_i, next_id), _mm_andnot_si128(take_i, n_used[r]));
+              live[r] = _mm_andnot_ps(stop, live[r]);
+              n_stop += __builtin_popcount(_mm_movemask_ps(stop));
+            }
+            n_live -= n_stop;
+            if (n_live == 0) break;
+          }
+          for (int r = 0; r < h; ++r) {
+            const int64_t row = (static_cast<int64_t>(f.cam) * g.height + y0 + r) * g.width + x0;
+            _mm_store_ps(lane_f, T[r]);
+            for (int q = 0; q < w; ++q) t_final[row + q] = lane_f[q];
+            _mm_store_si128(reinterpret_cast<__m128i*>(lane_i), n_used[r]);
+            for (int q = 0; q < w; ++q) last[row + q] = lane_i[q];
+            for (int d = 0; d < D; ++d) {
+              const float* ad = acc + (d * 4 + r) * 4;
+              for (int q = 0; q < w; ++q) out[(row + q) * D + d] = ad[q];
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+#endif  // GVR_SSE2
+
 // Per-pair gradient row: v_mean x, y, v_conic a, b, c, v_opacity, |v_mean| x, y, v_color[D].
 constexpr int kRowFixed = 8;
 
@@ -321,6 +500,7 @@ void backward_tiles(const Geometry& g, const int64_t* toff, const int32_t* ids, 
   const int64_t n_tiles = g.C * g.tiles();
   const int R = kRowFixed + D;
   const scalar_t amin = static_cast<scalar_t>(k.alpha_min), amax = static_cast<scalar_t>(k.alpha_max);
+  const std::vector<Entry<scalar_t>> packed = pack_entries(g, means2d, conics, opac, k.alpha_min);
 #pragma omp parallel num_threads(g.threads)
   {
     TileList<scalar_t> L;
@@ -331,7 +511,7 @@ void backward_tiles(const Geometry& g, const int64_t* toff, const int32_t* ids, 
       const int64_t K = toff[t + 1] - toff[t];
       if (K == 0) continue;
       const TileFrame f = tile_frame(g, t);
-      L.gather(ids + toff[t], K, D, means2d, conics, opac, colors, k.alpha_min);
+      L.gather(ids + toff[t], K, D, packed.data(), colors);
       block_lists(L, f, lists);
       scalar_t* rows = pair_grad + toff[t] * R;
       for (int y = f.y0; y < f.y0 + f.h; ++y) {
@@ -385,6 +565,145 @@ void backward_tiles(const Geometry& g, const int64_t* toff, const int32_t* ids, 
     }
   }
 }
+
+#if GVR_SSE2
+inline float hsum4(__m128 v) {  // ((v0 + v1) + (v2 + v3)): a fixed order
+  const __m128 s = _mm_add_ps(v, _mm_shuffle_ps(v, v, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehl_ps(s, s)));
+}
+
+// The float backward with SSE2: each block's 16 pixels walk the block list back to front in
+// lockstep, from every pixel's own last consumed entry (masked per lane), recomputing the forward's
+// alphas bit for bit (the same sigma and fast_exp4). Per entry, the lanes' gradients are summed in a
+// fixed order and added to the entry's pair row.
+template <int DC>
+void backward_tiles_sse(const Geometry& g, const int64_t* toff, const int32_t* ids, const float* means2d,
+                        const float* conics, const float* colors, const float* opac, int D_, const Consts& k,
+                        const float* t_final, const int32_t* last, const float* v_out, const float* v_T,
+                        float* pair_grad) {
+  const int D = DC > 0 ? DC : D_;
+  const int64_t n_tiles = g.C * g.tiles();
+  const int R = kRowFixed + D;
+  const __m128 amin = _mm_set1_ps(static_cast<float>(k.alpha_min));
+  const __m128 amax = _mm_set1_ps(static_cast<float>(k.alpha_max));
+  const __m128 half = _mm_set1_ps(0.5f), one = _mm_set1_ps(1.0f), sign = _mm_set1_ps(-0.0f);
+  const std::vector<Entry<float>> packed = pack_entries(g, means2d, conics, opac, k.alpha_min);
+#pragma omp parallel num_threads(g.threads)
+  {
+    TileList<float> L;
+    std::vector<std::vector<int32_t>> lists;
+    // per block: [D][row][lane] d loss / d colour and colour behind; [R][lane] this entry's sums
+    std::vector<float> buf(static_cast<size_t>(2 * D) * kBlock * kBlock + static_cast<size_t>(R) * 4);
+    float* vo = buf.data();
+    float* later = vo + D * kBlock * kBlock;
+    float* gs = later + D * kBlock * kBlock;
+    alignas(16) float lane_f[4];
+    alignas(16) int32_t lane_i[4];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < n_tiles; ++t) {
+      const int64_t K = toff[t + 1] - toff[t];
+      if (K == 0) continue;
+      const TileFrame f = tile_frame(g, t);
+      L.gather(ids + toff[t], K, D, packed.data(), colors);
+      block_lists(L, f, lists);
+      float* rows_out = pair_grad + toff[t] * R;
+      for (int by = 0; by < f.nby; ++by) {
+        for (int bx = 0; bx < f.nbx; ++bx) {
+          const int x0 = f.x0 + bx * kBlock, y0 = f.y0 + by * kBlock;
+          const int w = std::min(kBlock, f.x0 + f.w - x0), h = std::min(kBlock, f.y0 + f.h - y0);
+          const __m128 px = _mm_add_ps(_mm_set_ps(x0 + 3.0f, x0 + 2.0f, x0 + 1.0f, x0 + 0.0f), half);
+          __m128 py[4], T[4], tv[4];
+          __m128i n_used[4];
+          int max_used = 0;
+          std::fill(vo, vo + 2 * D * kBlock * kBlock, 0.0f);  // vo and later
+          for (int r = 0; r < 4; ++r) {
+            py[r] = _mm_set1_ps(static_cast<float>(y0 + r) + 0.5f);
+            for (int q = 0; q < 4; ++q) {
+              lane_f[q] = 1.0f;
+              lane_i[q] = 0;
+            }
+            float tvl[4] = {0, 0, 0, 0};
+            if (r < h) {
+              const int64_t row = (static_cast<int64_t>(f.cam) * g.height + y0 + r) * g.width + x0;
+              for (int q = 0; q < w; ++q) {
+                lane_f[q] = t_final[row + q];
+                lane_i[q] = last[row + q];
+                tvl[q] = t_final[row + q] * v_T[row + q];  // T_final * dL/dT_final
+                max_used = std::max(max_used, lane_i[q]);
+                for (int d = 0; d < D; ++d) vo[(d * 4 + r) * 4 + q] = v_out[(row + q) * D + d];
+              }
+            }
+            T[r] = _mm_load_ps(lane_f);
+            n_used[r] = _mm_load_si128(reinterpret_cast<const __m128i*>(lane_i));
+            tv[r] = _mm_loadu_ps(tvl);
+          }
+          if (max_used == 0) continue;
+          const std::vector<int32_t>& list = lists[by * f.nbx + bx];
+          const int64_t end = std::lower_bound(list.begin(), list.end(), max_used) - list.begin();
+          for (int64_t j = end - 1; j >= 0; --j) {  // back to front
+            const int32_t i = list[j];
+            const Entry<float>& E = L.e[i];
+            const float* ci = &L.col[static_cast<int64_t>(i) * D];
+            const __m128 dx = _mm_sub_ps(_mm_set1_ps(E.mx), px);
+            const __m128 a = _mm_set1_ps(E.a), b = _mm_set1_ps(E.b), c = _mm_set1_ps(E.c);
+            const __m128 adxdx = _mm_mul_ps(_mm_mul_ps(a, dx), dx), bdx = _mm_mul_ps(b, dx);
+            const __m128 inv_op = _mm_set1_ps(1.0f / E.op);
+            const __m128i id = _mm_set1_epi32(i);
+            __m128 s[kRowFixed];
+            for (auto& v : s) v = _mm_setzero_ps();
+            std::fill(gs + kRowFixed * 4, gs + R * 4, 0.0f);
+            bool any = false;
+            for (int r = 0; r < 4; ++r) {
+              const __m128 dy = _mm_sub_ps(_mm_set1_ps(E.my), py[r]);
+              const __m128 sigma = _mm_add_ps(_mm_mul_ps(half, _mm_add_ps(adxdx, _mm_mul_ps(_mm_mul_ps(c, dy), dy))),
+                                              _mm_mul_ps(bdx, dy));
+              const __m128 raw = _mm_mul_ps(_mm_set1_ps(E.op), fast_exp4(_mm_xor_ps(sigma, sign)));
+              const __m128 active = _mm_castsi128_ps(_mm_cmpgt_epi32(n_used[r], id));  // i < n_used
+              const __m128 ok = _mm_and_ps(_mm_and_ps(_mm_cmple_ps(sigma, _mm_set1_ps(E.skip)),
+                                                      _mm_cmpge_ps(raw, amin)), active);
+              if (_mm_movemask_ps(ok) == 0) continue;
+              any = true;
+              const __m128 alpha = _mm_and_ps(ok, _mm_min_ps(raw, amax));
+              const __m128 ra = _mm_div_ps(one, _mm_sub_ps(one, alpha));  // 1 where skipped
+              T[r] = _mm_mul_ps(T[r], ra);                                // transmittance in front of entry i
+              const __m128 wgt = _mm_mul_ps(alpha, T[r]);
+              __m128 v_alpha = _mm_sub_ps(_mm_setzero_ps(), _mm_mul_ps(tv[r], ra));
+              for (int d = 0; d < D; ++d) {
+                float* ld = later + (d * 4 + r) * 4;
+                const __m128 vd = _mm_loadu_ps(vo + (d * 4 + r) * 4);
+                const __m128 cd = _mm_set1_ps(ci[d]);
+                const __m128 lat = _mm_loadu_ps(ld);
+                float* gd = gs + (kRowFixed + d) * 4;
+                _mm_storeu_ps(gd, _mm_add_ps(_mm_loadu_ps(gd), _mm_mul_ps(wgt, vd)));
+                v_alpha = _mm_add_ps(v_alpha, _mm_mul_ps(_mm_sub_ps(_mm_mul_ps(cd, T[r]), _mm_mul_ps(lat, ra)), vd));
+                _mm_storeu_ps(ld, _mm_add_ps(lat, _mm_mul_ps(wgt, cd)));
+              }
+              const __m128 free = _mm_and_ps(ok, _mm_cmple_ps(raw, amax));  // clamped alphas pass no gradient
+              const __m128 v_sigma = _mm_and_ps(free, _mm_xor_ps(_mm_mul_ps(raw, v_alpha), sign));
+              const __m128 gx = _mm_mul_ps(v_sigma, _mm_add_ps(_mm_mul_ps(a, dx), _mm_mul_ps(b, dy)));
+              const __m128 gy = _mm_mul_ps(v_sigma, _mm_add_ps(bdx, _mm_mul_ps(c, dy)));
+              const __m128 hv = _mm_mul_ps(half, v_sigma);
+              s[0] = _mm_add_ps(s[0], gx);
+              s[1] = _mm_add_ps(s[1], gy);
+              s[2] = _mm_add_ps(s[2], _mm_mul_ps(_mm_mul_ps(hv, dx), dx));
+              s[3] = _mm_add_ps(s[3], _mm_mul_ps(_mm_mul_ps(v_sigma, dx), dy));
+              s[4] = _mm_add_ps(s[4], _mm_mul_ps(_mm_mul_ps(hv, dy), dy));
+              s[5] = _mm_add_ps(s[5], _mm_and_ps(free, _mm_mul_ps(_mm_mul_ps(raw, inv_op), v_alpha)));
+              s[6] = _mm_add_ps(s[6], _mm_andnot_ps(sign, gx));
+              s[7] = _mm_add_ps(s[7], _mm_andnot_ps(sign, gy));
+            }
+            if (!any) continue;
+            float* row = rows_out + static_cast<int64_t>(i) * R;
+            for (int q = 0; q < kRowFixed; ++q) row[q] += hsum4(s[q]);
+            for (int d = 0; d < D; ++d) row[kRowFixed + d] += hsum4(_mm_loadu_ps(gs + (kRowFixed + d) * 4));
+          }
+        }
+      }
+    }
+  }
+}
+
+#endif  // GVR_SSE2
 
 // out[f] = sum of the pair rows of Gaussian f, always in the same order (thread-count independent).
 template <typename scalar_t>
@@ -594,6 +913,18 @@ int gvr_forward(int dbl, int C, int N, int W, int H, int ts, int threads, int D,
                 double alpha_min, double alpha_max, double t_min, void* out, void* t_final, int32_t* last) {
   GVR_GEOMETRY;
   const Consts k{alpha_min, alpha_max, t_min};
+#if GVR_SSE2
+  if (!dbl) {  // float: the SSE2 lockstep walk (bit-identical to forward_tiles<float>)
+    try {
+      using scalar_t = float;
+      WITH_CHANNELS(D, forward_tiles_sse<DC>(g, toff, ids, F(means2d), F(conics), F(colors), F(opac), D, k,
+                                              static_cast<float*>(out), static_cast<float*>(t_final), last))
+    } catch (const std::bad_alloc&) {
+      return 1;
+    }
+    return 0;
+  }
+#endif
   GVR_DISPATCH(WITH_CHANNELS(D, forward_tiles<scalar_t, DC>(g, toff, ids, F(means2d), F(conics), F(colors),
                                                              F(opac), D, k, static_cast<scalar_t*>(out),
                                                              static_cast<scalar_t*>(t_final), last)))
@@ -609,6 +940,20 @@ int gvr_backward(int dbl, int C, int N, int W, int H, int ts, int threads, int D
                  void* grad) {
   GVR_GEOMETRY;
   const Consts k{alpha_min, alpha_max, t_min};
+#if GVR_SSE2
+  if (!dbl) {  // float: the SSE2 lockstep walk
+    try {
+      using scalar_t = float;
+      WITH_CHANNELS(D, backward_tiles_sse<DC>(g, toff, ids, F(means2d), F(conics), F(colors), F(opac), D, k,
+                                               F(t_final), last, F(v_out), F(v_T), static_cast<float*>(pair_grad)));
+      sum_pair_rows<float>(static_cast<const float*>(pair_grad), goff, slot, static_cast<int64_t>(C) * N,
+                           kRowFixed + D, static_cast<float*>(grad), g.threads);
+    } catch (const std::bad_alloc&) {
+      return 1;
+    }
+    return 0;
+  }
+#endif
   GVR_DISPATCH(WITH_CHANNELS(D, backward_tiles<scalar_t, DC>(g, toff, ids, F(means2d), F(conics), F(colors),
                                                               F(opac), D, k, F(t_final), last, F(v_out), F(v_T),
                                                               static_cast<scalar_t*>(pair_grad)));
