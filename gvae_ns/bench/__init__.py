@@ -18,7 +18,7 @@ For a Blender-format dataset whose test views are at the full (target) resolutio
 
 Stock splatfacto needs CUDA (gsplat's rasterizer). Without CUDA the baselines are ``gaussianvae`` with one
 stage at the training data's resolution and no refinement, i.e. splatfacto's densification and losses with the
-pure-PyTorch renderer; they are labelled "splatfacto ... (CPU renderer)".
+project's CPU rasterizer; they are labelled "splatfacto ... (CPU renderer)".
 
 Every finished piece is recorded on disk (``runs/<run>/train.json``, ``refinements/<row>.json``,
 ``rows/<row>.json``) with a fingerprint of what made it, so running the same command again skips the work

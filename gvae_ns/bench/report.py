@@ -220,7 +220,7 @@ def environment(cfg: BenchConfig) -> Dict[str, Any]:
     if torch.cuda.is_available():
         device = f"CUDA: {torch.cuda.get_device_name(0)}"
     else:
-        device = f"CPU ({os.cpu_count()} cores, pure-PyTorch renderer)"
+        device = f"CPU ({os.cpu_count()} cores, project's CPU rasterizer)"
     stock = use_stock_splatfacto(cfg)
     return {
         "device": device,
@@ -229,7 +229,8 @@ def environment(cfg: BenchConfig) -> Dict[str, Any]:
         "gsplat": installed("gsplat"),
         "baselines": "stock ns-train splatfacto (gsplat)" if stock else (
             "splatfacto (CPU renderer): gaussianvae with one stage at the training resolution and no refinement, "
-            "i.e. splatfacto's densification and losses rendered by the pure-PyTorch rasterizer"),
+            "i.e. splatfacto's densification and losses rendered by the project's CPU rasterizer (compiled, or the "
+            "PyTorch reference where no compiler is available)"),
     }
 
 
