@@ -21,7 +21,7 @@ from gvae_ns import metrics
 from gvae_ns.bench.config import BenchError
 from gvae_ns.datasets import atomic_write
 from gvae_ns.offline import stock_checkpoint_loading
-from gvae_ns.refine import load_refinement
+from gvae_ns.refine import load_refinement, run_provenance
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -55,7 +55,9 @@ def attach_refinement(model: torch.nn.Module, refinement: Optional[Path]) -> Dic
     if refinement is None:
         model.set_refinement(None, note="benchmark: the run as trained")
         return {}
-    refined_set = load_refinement(refinement, num_original=model.gauss_params["means"].shape[0])
+    # tied to the run it was made from: a refinement of another run of the same size is refused
+    refined_set = load_refinement(refinement, num_original=model.gauss_params["means"].shape[0],
+                                  expected=run_provenance(model))
     model.set_refinement(refined_set.params, refined_set.is_new, note=refined_set.describe())
     if not model.refinement_active:
         raise BenchError(f"{refinement}: attached but not active (show_refined off or GVAE_REFINED=0?).")
