@@ -272,7 +272,13 @@ class GaussianVAETrainer(Trainer):
             retrain_vae=True,
         )
         with self.train_lock:
-            refinement = refine_run(config, pipeline=self.pipeline)
+            try:
+                refinement = refine_run(config, pipeline=self.pipeline)
+            except ValueError as err:  # a refusal (RefinementUnavailable, a file error): training is kept
+                CONSOLE.print(f"ns-train gaussianvae: refinement not made: {err} The trained scene is saved; refine "
+                              f"it with gvae-refine --load-config {config.load_config}", style="bold yellow",
+                              markup=False, highlight=False)
+                return
             controls = getattr(model, "refinement_controls", None)
             if controls is not None:
                 controls.sync()
