@@ -111,7 +111,7 @@ def _check_blender(data: Path) -> Tuple[int, int]:
         meta = _read_json(path)
         sizes = {}
         for i, file_path in enumerate(_file_paths(path, meta["frames"])):
-            image = data / f"{file_path.replace('./', '', 1) if file_path.startswith('./') else file_path}.png"
+            image = data / f"{file_path.removeprefix('./')}.png"
             sizes[image] = _image_size(image, path, f"frame {i}")
         size = _same_size(sizes, path)
         if split == "train":
