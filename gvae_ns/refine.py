@@ -382,7 +382,7 @@ class Refiner:
         states = self.states.clone()
         keep = torch.ones(states.shape[0], dtype=torch.bool)
         if self.decoder == "generative":
-            from gvae_ns.vae.densify_train import densify
+            from gvae_ns.densify.train import densify
 
             added, source = densify(self.vae, states[chosen].to(device), steps=steps, max_new=max_new)
             keep[chosen[source.unique().cpu()]] = False
@@ -435,7 +435,7 @@ def build_refiner(config: RefineConfig, pipeline, step: Optional[int] = None) ->
     device = model.device
     started = time.perf_counter()
     if config.decoder == "generative":
-        from gvae_ns.vae.densify_train import DENSIFY_HEAD_FILE, DensifyTrainConfig, densify_head_for_run
+        from gvae_ns.densify.train import DENSIFY_HEAD_FILE, DensifyTrainConfig, densify_head_for_run
 
         vae = densify_head_for_run(run_dir, lineage, DensifyTrainConfig(steps=config.vae_steps),
                                    retrain=config.retrain_vae, device=device, seed=config.seed, provenance=provenance,
@@ -465,7 +465,7 @@ def load_refiner(model, scores: Optional[Dict[str, torch.Tensor]], decoder: str 
 
     The decoder file must have been trained on the model's Gaussians; a missing, stale, foreign or damaged
     one raises :class:`RefinementUnavailable` with the file's own one-paragraph message."""
-    from gvae_ns.vae.densify_train import DENSIFY_HEAD_FILE, load_densify_head
+    from gvae_ns.densify.train import DENSIFY_HEAD_FILE, load_densify_head
     from gvae_ns.vae.model import load_vae
 
     name, loader = (DENSIFY_HEAD_FILE, load_densify_head) if decoder == "generative" else (VAE_FILE, load_vae)

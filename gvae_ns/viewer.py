@@ -51,7 +51,7 @@ from nerfstudio.viewer.viewer_elements import (
 from torch import nn
 
 from gvae_ns.refine import REFINEMENT_FILE, VAE_FILE, RefinementUnavailable
-from gvae_ns.vae.densify_train import DENSIFY_HEAD_FILE
+from gvae_ns.densify.train import DENSIFY_HEAD_FILE
 
 if TYPE_CHECKING:
     from nerfstudio.viewer.viewer import Viewer

@@ -87,9 +87,9 @@ def run_case(cfg: BenchConfig) -> Dict[str, float]:
     import torch
 
     from gvae_ns.gaussians import MEANS, SCALES, STATE_DIM
-    from gvae_ns.vae.densify_head import DensifyHead, DensifyHeadConfig
-    from gvae_ns.vae.patch_attention import SerializedTransformer
-    from gvae_ns.vae.serialization import serialize
+    from gvae_ns.densify.head import DensifyHead, DensifyHeadConfig
+    from gvae_ns.densify.patch_attention import SerializedTransformer
+    from gvae_ns.densify.serialization import serialize
 
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")

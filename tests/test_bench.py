@@ -129,7 +129,7 @@ def test_suite_files_and_command_line(tmp_path):
 
 def test_generative_decoder_rows(tmp_path, monkeypatch):
     from gvae_ns import refine
-    from gvae_ns.vae.densify_train import DENSIFY_HEAD_FILE
+    from gvae_ns.densify.train import DENSIFY_HEAD_FILE
 
     cfg = BenchConfig(output=tmp_path / "out", baselines=(), oracle=False, refine_steps=(2,),
                       refine_selects=("all", "hessian"), refine_decoders=("temporal", "generative"),

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from gvae_ns.gaussians import MEANS, QUATS, SCALES, STATE_DIM
-from gvae_ns.vae.densify_head import DensifyHead, DensifyHeadConfig, quat_rotate
-from gvae_ns.vae.patch_attention import SerializedAttention, SerializedTransformer, build_layout
+from gvae_ns.densify.head import DensifyHead, DensifyHeadConfig, quat_rotate
+from gvae_ns.densify.patch_attention import SerializedAttention, SerializedTransformer, build_layout
 
 DIM, HEADS = 16, 4
 

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from gvae_ns.gaussians import MEANS, OPACITY, QUATS, SCALES, SH_DC, SH_REST, STATE_DIM
 from gvae_ns.lineage.dataset import TransitionSet
-from gvae_ns.vae.densify_head import DensifyHead, DensifyHeadConfig, quat_rotate
-from gvae_ns.vae.densify_train import (
+from gvae_ns.densify.head import DensifyHead, DensifyHeadConfig, quat_rotate
+from gvae_ns.densify.train import (
     DENSIFY_HEAD_FILE,
     DensifyTrainConfig,
     densify,

@@ -189,8 +189,8 @@ def test_unreadable_vae_is_refused(capsys, run, tmp_path):
 @pytest.mark.parametrize("damage", ["stale", "foreign", "nan", "wrong-shapes"])
 def test_stale_or_malformed_densify_head_is_refused(capsys, run, tmp_path, damage):
     from gvae_ns.tagged_file import Provenance
-    from gvae_ns.vae.densify_head import DensifyHead
-    from gvae_ns.vae.densify_train import DensifyTrainConfig, save_densify_head
+    from gvae_ns.densify.head import DensifyHead
+    from gvae_ns.densify.train import DensifyTrainConfig, save_densify_head
 
     copy = copy_run(run, tmp_path)
     own = Provenance.from_dict(provenance_of(copy / "vae.pt"))  # the trained run's own state

@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 
-from gvae_ns.vae import serialization as ser
-from gvae_ns.vae.serialization import (
+from gvae_ns.densify import serialization as ser
+from gvae_ns.densify.serialization import (
     CURVES,
     grid_coords,
     hilbert_decode,

@@ -10,7 +10,6 @@ value as CSV, which the tests compare with the PLY and the model's parameters.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import re

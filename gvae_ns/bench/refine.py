@@ -65,7 +65,7 @@ def refine_row(cfg: BenchConfig, row: RowSpec, run_record: dict) -> dict:
     """Refine the run of ``row`` (in this process, timed) and return the refinement record."""
     try:
         from gvae_ns.refine import VAE_FILE, refine_run
-        from gvae_ns.vae.densify_train import DENSIFY_HEAD_FILE
+        from gvae_ns.densify.train import DENSIFY_HEAD_FILE
     except ImportError as err:
         raise BenchError(f"gvae_ns.refine has no refine_run / RefineConfig yet ({err}); refinement rows need it.")
     out = refinement_path(cfg.output, row)

@@ -10,7 +10,7 @@ passes), never a per-Gaussian Python loop.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import List, Tuple, Union
+from typing import Any, List, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -201,3 +201,41 @@ def final_histories(lineage: Lineage) -> Tuple[Tensor, Tensor, Tensor]:
     snaps = _Snapshots(lineage)
     hist, mask = snaps.histories(snaps.count - 1)
     return hist, mask, lineage.snapshot(-1).ids.clone()
+
+
+def _tensor(obj: Any, name: str) -> Tensor:
+    value = getattr(obj, name, None)
+    if not isinstance(value, Tensor):
+        raise ValueError(f"transitions.{name}: expected a tensor, got {type(value).__name__}")
+    return value
+
+
+def check_transitions(transitions: Any) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(history, history_mask, children, children_mask, stage)`` of a :class:`TransitionSet`-like object,
+    as float / bool / long tensors; ``ValueError`` naming the field when one is missing, mis-shaped or not finite."""
+    history = _tensor(transitions, "history").float()
+    history_mask = _tensor(transitions, "history_mask").bool()
+    children = _tensor(transitions, "children").float()
+    children_mask = _tensor(transitions, "children_mask").bool()
+    stage = _tensor(transitions, "stage").long()
+    n = history.shape[0]
+    if n == 0:
+        raise ValueError("transitions: the set is empty; record at least two stages of lineage first")
+    if history.ndim != 3 or history.shape[2] != STATE_DIM:
+        raise ValueError(f"transitions.history: expected [N, S, {STATE_DIM}], got {tuple(history.shape)}")
+    if history_mask.shape != history.shape[:2]:
+        raise ValueError(
+            f"transitions.history_mask: expected {tuple(history.shape[:2])}, got {tuple(history_mask.shape)}"
+        )
+    if children.ndim != 3 or children.shape[0] != n or children.shape[2] != STATE_DIM:
+        raise ValueError(f"transitions.children: expected [{n}, C, {STATE_DIM}], got {tuple(children.shape)}")
+    if children_mask.shape != children.shape[:2]:
+        raise ValueError(
+            f"transitions.children_mask: expected {tuple(children.shape[:2])}, got {tuple(children_mask.shape)}"
+        )
+    if stage.shape != (n,):
+        raise ValueError(f"transitions.stage: expected [{n}], got {tuple(stage.shape)}")
+    for name, value, mask in (("history", history, history_mask), ("children", children, children_mask)):
+        if not bool(torch.isfinite(value[mask]).all()):
+            raise ValueError(f"transitions.{name}: non-finite values in present entries")
+    return history, history_mask, children, children_mask, stage

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from gvae_ns.gaussians import STATE_DIM
+from gvae_ns.lineage.dataset import check_transitions
 from gvae_ns.vae.features import newest_index
 from gvae_ns.vae.losses import LossWeights, cyclic_beta, vae_loss
 from gvae_ns.vae.model import GaussianVAE, GaussianVAEConfig, load_vae, save_vae
@@ -63,42 +63,6 @@ class VAETrainConfig:
     """Floor of the fitted feature standard deviations."""
 
 
-def _tensor(obj: Any, name: str) -> Tensor:
-    value = getattr(obj, name, None)
-    if not isinstance(value, Tensor):
-        raise ValueError(f"transitions.{name}: expected a tensor, got {type(value).__name__}")
-    return value
-
-
-def _check_transitions(transitions: Any) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    history = _tensor(transitions, "history").float()
-    history_mask = _tensor(transitions, "history_mask").bool()
-    children = _tensor(transitions, "children").float()
-    children_mask = _tensor(transitions, "children_mask").bool()
-    stage = _tensor(transitions, "stage").long()
-    n = history.shape[0]
-    if n == 0:
-        raise ValueError("transitions: the set is empty; record at least two stages of lineage first")
-    if history.ndim != 3 or history.shape[2] != STATE_DIM:
-        raise ValueError(f"transitions.history: expected [N, S, {STATE_DIM}], got {tuple(history.shape)}")
-    if history_mask.shape != history.shape[:2]:
-        raise ValueError(
-            f"transitions.history_mask: expected {tuple(history.shape[:2])}, got {tuple(history_mask.shape)}"
-        )
-    if children.ndim != 3 or children.shape[0] != n or children.shape[2] != STATE_DIM:
-        raise ValueError(f"transitions.children: expected [{n}, C, {STATE_DIM}], got {tuple(children.shape)}")
-    if children_mask.shape != children.shape[:2]:
-        raise ValueError(
-            f"transitions.children_mask: expected {tuple(children.shape[:2])}, got {tuple(children_mask.shape)}"
-        )
-    if stage.shape != (n,):
-        raise ValueError(f"transitions.stage: expected [{n}], got {tuple(stage.shape)}")
-    for name, value, mask in (("history", history, history_mask), ("children", children, children_mask)):
-        if not bool(torch.isfinite(value[mask]).all()):
-            raise ValueError(f"transitions.{name}: non-finite values in present entries")
-    return history, history_mask, children, children_mask, stage
-
-
 def train_vae(
     transitions: Any,
     config: Optional[VAETrainConfig] = None,
@@ -116,7 +80,7 @@ def train_vae(
     :func:`gvae_ns.progress.phase`'s) is called at every logged step."""
     config = config or VAETrainConfig()
     device = torch.device(device)
-    history, history_mask, children, children_mask, stage = _check_transitions(transitions)
+    history, history_mask, children, children_mask, stage = check_transitions(transitions)
     n, s = history_mask.shape
 
     # Leakage guard: the parent is the newest state at its own stage; nothing later is input.

@@ -1,6 +1,6 @@
 """Train the generative densification head on lineage transitions and apply it stage by stage.
 
-The head (:class:`~gvae_ns.vae.densify_head.DensifyHead`) is the "generative" decoder of refinement, the
+The head (:class:`~gvae_ns.densify.head.DensifyHead`) is the "generative" decoder of refinement, the
 ablation of the temporal VAE: it sees only the current Gaussians (no ancestor history) and their
 neighbours, and proposes finer Gaussians in one feed-forward pass.
 
@@ -41,12 +41,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gvae_ns.gaussians import MEANS, STATE_DIM
+from gvae_ns.lineage.dataset import build_transitions, check_transitions
 from gvae_ns.tagged_file import FileFormat, Provenance, load_tagged, save_tagged
-from gvae_ns.vae.densify_head import DensifyHead, DensifyHeadConfig
+from gvae_ns.densify.head import DensifyHead, DensifyHeadConfig
 from gvae_ns.vae.features import REL_LOG_SCALE, REL_OFFSET, REL_OPACITY, REL_RGB, newest_index, relative_features
 from gvae_ns.vae.losses import chamfer_distance, masked_mse
-from gvae_ns.vae.serialization import CURVES, offsets_to_batch, serialize
-from gvae_ns.vae.train import _check_transitions
+from gvae_ns.densify.serialization import CURVES, offsets_to_batch, serialize
 
 DENSIFY_HEAD_FILE = "densify_head.pt"
 """File name of the trained head beside a run (``<run>/densify_head.pt``)."""
@@ -178,7 +178,7 @@ def spatial_batches(
 
 def _parents(transitions: Any) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(parent [N, 59], children [N, C, 59], children_mask [N, C], stage [N])`` of a transition set."""
-    history, history_mask, children, children_mask, stage = _check_transitions(transitions)
+    history, history_mask, children, children_mask, stage = check_transitions(transitions)
     present = history_mask & (torch.arange(history_mask.shape[1])[None, :] <= stage[:, None])
     parent = history[torch.arange(history.shape[0]), newest_index(present)]
     return parent, children, children_mask, stage
@@ -317,8 +317,6 @@ def densify_head_for_run(
 
     ``provenance``: the run state the lineage belongs to; an existing file made from another one is refused
     (:class:`~gvae_ns.tagged_file.TaggedFileError`, with ``rebuild`` as the fix), a new file records it."""
-    from gvae_ns.lineage.dataset import build_transitions
-
     path = Path(run_dir) / DENSIFY_HEAD_FILE
     if path.exists() and not retrain:
         log(f"gvae-refine: using the densification head in {path}")

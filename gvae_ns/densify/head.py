@@ -2,7 +2,7 @@
 
 Follows Generative Densification (Nam, Sun et al., CVPR 2025). Every layer of the head:
 
-1. runs serialized patch attention (:class:`~gvae_ns.vae.patch_attention.SerializedTransformer`)
+1. runs serialized patch attention (:class:`~gvae_ns.densify.patch_attention.SerializedTransformer`)
    over the current Gaussians' features, positioned at their means;
 2. up-samples: an MLP predicts ``R`` child offsets per Gaussian in the parent's local frame,
    ``tanh(.) * k`` standard deviations along each of its axes, rotated and scaled into the world
@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gvae_ns.gaussians import MEANS, OPACITY, QUATS, SCALES, SH_DC, SH_REST, STATE_DIM
-from gvae_ns.vae.patch_attention import SerializedTransformer
-from gvae_ns.vae.serialization import CURVES, batch_to_offsets, offsets_to_batch
+from gvae_ns.densify.patch_attention import SerializedTransformer
+from gvae_ns.densify.serialization import CURVES, batch_to_offsets, offsets_to_batch
 
 _QUAT_STEP = 0.45
 """Per-component bound of the quaternion delta: its norm stays below 0.9 < |unit parent| = 1."""

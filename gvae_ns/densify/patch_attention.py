@@ -1,6 +1,6 @@
 """Serialized patch attention: attention within fixed-size patches of a space-filling-curve order.
 
-Tokens (one per point) are sorted along a curve (:mod:`gvae_ns.vae.serialization`), each point
+Tokens (one per point) are sorted along a curve (:mod:`gvae_ns.densify.serialization`), each point
 cloud is padded to a multiple of ``patch_size`` (padding is masked out of the keys), and
 ``torch.nn.functional.scaled_dot_product_attention`` runs over ``[num_patches, heads, P, P]``. The
 number of patches grows with N and each costs ``P**2``, so time and memory grow linearly with N
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gvae_ns.vae.serialization import CURVES, Serialization, offsets_to_batch, serialize
+from gvae_ns.densify.serialization import CURVES, Serialization, offsets_to_batch, serialize
 
 
 @dataclass
