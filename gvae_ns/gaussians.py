@@ -27,7 +27,9 @@ SH_REST = slice(14, 59)
 STATE_DIM = 59
 SH_REST_COEFFS = 15  # degree 3: (3 + 1) ** 2 - 1
 
-PARAM_NAMES = ("means", "quats", "scales", "opacities", "features_dc", "features_rest")
+PARAM_KEYS = ("means", "scales", "quats", "features_dc", "features_rest", "opacities")
+"""splatfacto's ``gauss_params`` names, in its order: every parameter dict of the project has these keys, and
+every digest over parameters (:mod:`gvae_ns.tagged_file`) takes them in this order."""
 
 
 def pack_state(params: Dict[str, torch.Tensor]) -> torch.Tensor:

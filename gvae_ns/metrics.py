@@ -18,6 +18,8 @@ import numpy as np
 import pytorch_msssim
 import torch
 
+from gvae_ns.offline import lpips_weights_available
+
 ArrayLike = Union[torch.Tensor, np.ndarray]
 _WARNED: Set[str] = set()
 
@@ -133,19 +135,6 @@ def chamfer_distance(a: ArrayLike, b: ArrayLike, chunk: int = 4096, method: str 
     below the point spacing). ``chunk`` and ``method`` as in :func:`nearest_sq_distances`."""
     to_b, to_a = nearest_sq_distances(a, b, chunk, method)
     return float(to_b.mean() + to_a.mean())
-
-
-def lpips_weights_available() -> bool:
-    """Whether LPIPS (AlexNet) can be built without a download: torchvision's ImageNet AlexNet
-    checkpoint in the torch hub cache and torchmetrics' bundled linear-layer weights."""
-    if importlib.util.find_spec("torchmetrics") is None or importlib.util.find_spec("torchvision") is None:
-        return False
-    import torchmetrics
-    from torchvision.models import AlexNet_Weights
-
-    backbone = Path(torch.hub.get_dir()) / "checkpoints" / Path(AlexNet_Weights.DEFAULT.url).name
-    linear = Path(torchmetrics.__file__).parent / "functional" / "image" / "lpips_models" / "alex.pth"
-    return backbone.is_file() and linear.is_file()
 
 
 @functools.lru_cache(maxsize=4)

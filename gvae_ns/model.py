@@ -9,32 +9,54 @@ What it changes in ``SplatfactoModel``:
 * LPIPS is built only where its weights are already on disk (no downloads);
 * densification runs through :class:`~gvae_ns.lineage.recorder.LineageStrategy`, which records every
   Gaussian's ancestry and snapshots all Gaussians at each stage end;
-* when a refinement is attached (:meth:`set_refinement`) and switched on, the parameter properties
-  (``means``, ``scales``, ``quats``, ``opacities``, ``features_dc``, ``features_rest`` and the derived
-  ``colors``, ``shs_0``, ``shs_rest``) return the refined set, so nerfstudio's viewer and exporter see it.
+* when it is given a refinement (:meth:`show_refinement`, or ``<run>/refinement.pt`` when a checkpoint is
+  loaded) and showing it is on, the parameter properties (``means``, ``scales``, ``quats``, ``opacities``,
+  ``features_dc``, ``features_rest`` and the derived ``colors``, ``shs_0``, ``shs_rest``) return the refined
+  set, so nerfstudio's viewer and exporter see it. The model never makes a refinement: it hands its trained
+  state out as plain data (:meth:`run_state`, :meth:`scoring_views`) to :mod:`gvae_ns.refine`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Literal, Optional, Tuple, Type, Union
+from typing import Any, Dict, List, Literal, Optional, Tuple, Type, Union
 
 import torch
+import tyro
 from gsplat.strategy import DefaultStrategy
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
 from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 
-from gvae_ns.offline import make_lpips
+from gvae_ns.gaussians import PARAM_KEYS
+from gvae_ns.lineage.recorder import LineageStrategy
+from gvae_ns.offline import lpips_only_offline
 from gvae_ns.ply import use_fast_ply_writer
+from gvae_ns.refine.refiner import Refiner, RunState
+from gvae_ns.refine.result import (
+    Refinement,
+    RefinementFileError,
+    load_refinement,
+    provenance_of,
+    rebuild_hint,
+)
+from gvae_ns.refine.score import ScoringViews
 from gvae_ns.render import rasterize, world_to_camera
+from gvae_ns.run_layout import REFINEMENT_FILE, RunLayout
 from gvae_ns.stages import StageSchedule
+from gvae_ns.tagged_file import Provenance
+from gvae_ns.viewer import RefinementControls
 
-PARAM_KEYS = ("means", "scales", "quats", "features_dc", "features_rest", "opacities")
+REFINED_ENV = "GVAE_REFINED"
+"""Environment variable: ``0`` shows (and exports) the original scene whatever ``show_refined`` says."""
+
+
+def refined_env_off() -> bool:
+    """Whether ``$GVAE_REFINED`` turns the refined scene off (the one place that reads it)."""
+    return os.environ.get(REFINED_ENV, "1") == "0"
 
 
 @dataclass
@@ -50,22 +72,49 @@ class GaussianVAEModelConfig(SplatfactoModelConfig):
     """Training steps of each resolution stage (one entry per stage)."""
     lineage_float16: bool = False
     """Store the per-stage snapshots in the lineage file as float16 (half the size)."""
-    refine_after_training: bool = True
-    """Train the VAE on the lineage and refine the scene as the last phase of ns-train."""
-    refine_steps: int = 1
-    """Extrapolation steps past the finest stage (1..4) applied by the refinement after training; each step is
-    one resolution doubling, so with the default stages (finest 1/2) one step reaches the data's resolution."""
-    refine_select: Literal["hessian", "grad", "all"] = "hessian"
+    refinement_after_training: bool = True
+    """Fit the decoder on the lineage and refine the scene as the last phase of ns-train."""
+    extrapolate_stages: int = 1
+    """Extrapolation stages past the finest trained stage (1..4) in the refinement after training; each stage is
+    one resolution doubling, so with the default stages (finest 1/2) one reaches the data's resolution."""
+    extrapolate_select: Literal["hessian", "grad", "all"] = "hessian"
     """Which lineages to extrapolate: top Hessian / view-space-gradient score, gradient only, or all."""
-    refine_fraction: float = 0.1
+    extrapolate_fraction: float = 0.1
     """Fraction of Gaussians the selection keeps (ignored for 'all')."""
-    refine_vae_steps: int = 1500
-    """Optimiser steps of the VAE trained on the lineage after training."""
+    decoder_steps: int = 1500
+    """Optimiser steps of the decoder (the lineage VAE) fitted on the lineage after training."""
     show_refined: bool = True
     """Whether the viewer and exporter see the refined Gaussians when a refinement exists (the environment
     variable GVAE_REFINED=0 overrides it, e.g. for ``GVAE_REFINED=0 ns-export gaussian-splat ...``)."""
-    run_dir: Optional[Path] = None
-    """Set by ns-train: the run directory that holds lineage.npz, vae.pt and refinement.pt."""
+    run_dir: tyro.conf.Suppress[Optional[Path]] = None
+    """Set by ns-train (not a flag): the run directory that holds lineage.npz, vae.pt and refinement.pt."""
+    refine_after_training: Optional[bool] = None
+    """Deprecated name of --pipeline.model.refinement-after-training (kept for one release)."""
+    refine_steps: Optional[int] = None
+    """Deprecated name of --pipeline.model.extrapolate-stages (kept for one release)."""
+    refine_select: Optional[Literal["hessian", "grad", "all"]] = None
+    """Deprecated name of --pipeline.model.extrapolate-select (kept for one release)."""
+    refine_fraction: Optional[float] = None
+    """Deprecated name of --pipeline.model.extrapolate-fraction (kept for one release)."""
+    refine_vae_steps: Optional[int] = None
+    """Deprecated name of --pipeline.model.decoder-steps (kept for one release)."""
+
+    def __post_init__(self) -> None:
+        for old, new in DEPRECATED_FIELDS.items():
+            value = getattr(self, old)
+            if value is not None:
+                CONSOLE.print(f"--pipeline.model.{old.replace('_', '-')} is deprecated, use "
+                              f"--pipeline.model.{new.replace('_', '-')} (the old name goes in the next release).",
+                              style="yellow", markup=False, soft_wrap=True, highlight=False)
+                setattr(self, new, value)
+                setattr(self, old, None)
+
+
+DEPRECATED_FIELDS = {"refine_after_training": "refinement_after_training", "refine_steps": "extrapolate_stages",
+                     "refine_select": "extrapolate_select", "refine_fraction": "extrapolate_fraction",
+                     "refine_vae_steps": "decoder_steps"}
+"""Old config field -> its new name. Old flags are mapped when given; a config.yml written before the rename
+keeps its old fields, which nothing after training reads."""
 
 
 class GaussianVAEModel(SplatfactoModel):
@@ -82,7 +131,7 @@ class GaussianVAEModel(SplatfactoModel):
             # splatfacto moves seed colours to CUDA; take the colour-less path and fill them in here.
             seed_colors = seed[1]
             self.seed_points = (seed[0], seed[1][:0])
-        with _offline_lpips():
+        with lpips_only_offline():
             super().populate_modules()
         self.seed_points = seed
         if seed_colors is not None:
@@ -102,11 +151,9 @@ class GaussianVAEModel(SplatfactoModel):
         self.refinement: Optional[Dict[str, torch.Tensor]] = None
         self.refined_is_new: Optional[torch.Tensor] = None
         self.refinement_note = "no refinement yet: it is made after training, or by gvae-refine"
-        self.refinement_record = None  # the last Refinement made or loaded (how to make another one)
-        self.refiner = None
+        self.refinement_record: Optional[Refinement] = None  # the Refinement shown (how it was made)
+        self.refinement_file_error: Optional[str] = None
         self.tint_new = False
-        from gvae_ns.viewer import RefinementControls
-
         self.refinement_controls = RefinementControls(self)
 
     @property
@@ -133,53 +180,76 @@ class GaussianVAEModel(SplatfactoModel):
         self.recorder.save(path, float16=self.config.lineage_float16)
 
     def load_refinement_file(self) -> None:
-        """Attach ``<run_dir>/refinement.pt`` if it exists and was made from this checkpoint.
+        """Show ``<run_dir>/refinement.pt`` if it exists and was made from this checkpoint.
 
         A file made from another checkpoint, config or run, or a damaged one (unreadable, foreign, of another
         version, malformed), is refused: the one-paragraph reason is printed, kept in
         ``refinement_file_error`` and shown as the viewer's status, and the original scene is shown."""
-        from gvae_ns.refine import REFINEMENT_FILE, RefinementFileError, load_refinement, rebuild_hint, run_provenance
-
-        self.refinement_file_error: Optional[str] = None
+        self.refinement_file_error = None
         if self.config.run_dir is None:
             return
-        path = Path(self.config.run_dir) / REFINEMENT_FILE
+        path = RunLayout(Path(self.config.run_dir)).refinement
         if not path.exists():
             return
         try:
             refined = load_refinement(path, num_original=self.gauss_params["means"].shape[0],
-                                      expected=run_provenance(self),
+                                      expected=self.provenance(),
                                       rebuild=rebuild_hint(self.config.run_dir, REFINEMENT_FILE))
         except (RefinementFileError, OSError) as err:
             self.refinement_file_error = str(err)
-            self.refinement_record = None
-            self.set_refinement(None, note=f"refinement off: {err}")
+            self.show_refinement(None, note=f"refinement off: {err}")
             CONSOLE.print(f"{err} The original scene is shown.", style="bold yellow", soft_wrap=True, markup=False,
                           highlight=False)
             return
-        self.attach_refinement(refined)
+        self.show_refinement(refined)
 
-    def attach_refinement(self, refined) -> None:
-        """Show a :class:`gvae_ns.refine.Refinement` and keep it as the record of how it was made."""
-        self.set_refinement(refined.params, refined.is_new, note=refined.describe())
-        self.refinement_record = refined
-        self.refinement_file_error = None
+    def show_refinement(self, refined: Optional[Refinement], refiner: Optional[Refiner] = None,
+                        note: Optional[str] = None) -> None:
+        """Show a :class:`~gvae_ns.refine.result.Refinement` (``None``: the trained scene) and keep it as the
+        record of how it was made; ``refiner`` (the one that made it) goes to the viewer's controls, so they can
+        recompute other stage counts / selections at once."""
+        if refined is None:
+            self.set_refinement(None, note=note or "showing the trained scene")
+            self.refinement_record = None
+        else:
+            self.set_refinement(refined.params, refined.is_new, note=note or refined.describe())
+            self.refinement_record = refined
+            self.refinement_file_error = None
+        if refiner is not None:
+            self.refinement_controls.use_refiner(refiner)
 
-    def update_refinement(self, steps: int, select: str) -> str:
-        """Show the scene extrapolated ``steps`` (0..4) stages with ``select``; returns a status line.
+    # ------------------------------------------------------------ plain data for gvae_ns.refine
+    def provenance(self, step: Optional[int] = None) -> Provenance:
+        """The run state of the trained Gaussians that files beside the run are tied to."""
+        return provenance_of(self.gauss_params, self.recorder.live_ids, self.config, step)
 
-        Raises :class:`gvae_ns.refine.RefinementUnavailable` when the run has no VAE or scores.
-        """
-        if steps == 0:
-            self.set_refinement(None, note="showing the trained scene (+0)")
-            return self.refinement_note
-        if self.refiner is None:
-            from gvae_ns.refine import load_refiner
+    def run_state(self, step: Optional[int] = None) -> RunState:
+        """The trained run as plain data for :mod:`gvae_ns.refine` (``step``: the checkpoint step, where known).
 
-            record = self.refinement_record
-            self.refiner = load_refiner(self, record and record.scores, record.decoder if record else "temporal")
-        self.attach_refinement(self.refiner.refine(steps, select))
-        return self.refinement_note
+        Its lineage ends with a snapshot of the current Gaussians as the finest stage (the recorder keeps its
+        own snapshots as they are)."""
+        lineage = None
+        if self.recorder.num_snapshots:
+            lineage = self.recorder.lineage_with_snapshot(self.gauss_params, self.strategy_state,
+                                                          self.schedule.num_stages - 1, int(self.step))
+        params = {k: self.gauss_params[k].detach() for k in PARAM_KEYS}
+        run_dir = None if self.config.run_dir is None else Path(self.config.run_dir)
+        return RunState(params=params, lineage=lineage, live_ids=self.recorder.live_ids,
+                        provenance=self.provenance(step), run_dir=run_dir, device=self.device)
+
+    def scoring_views(self, cameras: Cameras, images: List[torch.Tensor]) -> ScoringViews:
+        """The training views (``cameras``, ``images``) as selection scoring renders them: at the finest
+        stage's resolution, on the evaluation background, with the trained SH degree and rasterize mode."""
+        if self.config.background_color == "white":
+            background = torch.ones(3, device=self.device)
+        elif self.config.background_color == "black":
+            background = torch.zeros(3, device=self.device)
+        else:  # "random" trains on random backgrounds and evaluates on the configured colour
+            background = self.background_color.to(self.device)
+        return ScoringViews(cameras=cameras, images=images, downscale=int(self.schedule.downscales[-1]),
+                            background=background,
+                            sh_degree=self.config.sh_degree if self.config.sh_degree > 0 else None,
+                            rasterize_mode=self.config.rasterize_mode)
 
     # ------------------------------------------------------------ stage schedule
     @property
@@ -233,9 +303,14 @@ class GaussianVAEModel(SplatfactoModel):
         self.refinement_note = note
 
     @property
+    def env_hides_refined(self) -> bool:
+        """Whether ``$GVAE_REFINED=0`` hides the refined scene (see :data:`REFINED_ENV`)."""
+        return refined_env_off()
+
+    @property
     def refinement_active(self) -> bool:
         """Whether the properties currently return the refined set."""
-        wanted = self.config.show_refined and os.environ.get("GVAE_REFINED", "1") != "0"
+        wanted = self.config.show_refined and not refined_env_off()
         return self.refinement is not None and wanted and not self.training
 
     def _param(self, name: str) -> torch.Tensor:
@@ -364,22 +439,7 @@ def _tint(params: Dict[str, torch.Tensor], is_new: torch.Tensor, is_sh: bool) ->
     return {**params, "features_dc": dc, "features_rest": rest}
 
 
-def _lineage_strategy_from(strategy: DefaultStrategy):
+def _lineage_strategy_from(strategy: DefaultStrategy) -> LineageStrategy:
     """The same densification policy as ``strategy``, with lineage recording."""
-    from gvae_ns.lineage.recorder import LineageStrategy
-
     kwargs = {f.name: getattr(strategy, f.name) for f in fields(DefaultStrategy) if f.init}
     return LineageStrategy(**kwargs)
-
-
-@contextlib.contextmanager
-def _offline_lpips() -> Iterator[None]:
-    """While splatfacto builds its metrics, build LPIPS only if its weights are on disk (else ``None``)."""
-    import torchmetrics.image.lpip as lpip_module
-
-    original = lpip_module.LearnedPerceptualImagePatchSimilarity
-    lpip_module.LearnedPerceptualImagePatchSimilarity = lambda **_: make_lpips(original)  # type: ignore
-    try:
-        yield
-    finally:
-        lpip_module.LearnedPerceptualImagePatchSimilarity = original

@@ -12,12 +12,15 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 from pathlib import Path
 from typing import Any, Iterator, List, Optional
 
 import numpy as np
 import torch
+import torchmetrics
+import torchmetrics.image.lpip as lpip_module
+
+from gvae_ns.console import say
 
 ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
 _warned_lpips = False
@@ -55,21 +58,32 @@ def stock_checkpoint_loading() -> Iterator[None]:
 
 
 def lpips_weights_available() -> bool:
-    """Whether torchvision's AlexNet weights (what LPIPS needs) are already in the torch hub cache."""
-    return (Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_WEIGHTS).is_file()
+    """Whether LPIPS (AlexNet) can be built without a download: torchvision's ImageNet AlexNet checkpoint
+    (:data:`ALEXNET_WEIGHTS`) in the torch hub cache and torchmetrics' bundled linear-layer weights."""
+    backbone = Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_WEIGHTS
+    linear = Path(torchmetrics.__file__).parent / "functional" / "image" / "lpips_models" / "alex.pth"
+    return backbone.is_file() and linear.is_file()
 
 
 def make_lpips(lpips_class: Any = None) -> Optional[torch.nn.Module]:
     """torchmetrics' LPIPS (or ``lpips_class``) when its weights are on disk, else ``None`` (warns once)."""
     global _warned_lpips
     if lpips_weights_available():
-        if lpips_class is None:
-            from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity as lpips_class
-        return lpips_class(normalize=True)
+        return (lpips_class or lpip_module.LearnedPerceptualImagePatchSimilarity)(normalize=True)
     if not _warned_lpips:
-        logging.getLogger("gvae_ns").warning(
-            "LPIPS is left out: its AlexNet weights (%s) are not in %s/checkpoints and nothing is downloaded.",
-            ALEXNET_WEIGHTS, torch.hub.get_dir(),
-        )
+        say(f"LPIPS is left out: its AlexNet weights ({ALEXNET_WEIGHTS}) are not in {torch.hub.get_dir()}/checkpoints "
+            "and nothing is downloaded.", style="yellow")
         _warned_lpips = True
     return None
+
+
+@contextlib.contextmanager
+def lpips_only_offline() -> Iterator[None]:
+    """While splatfacto builds its metrics (``populate_modules``), build LPIPS only if its weights are on disk
+    (else ``None``, with one message): splatfacto would download AlexNet."""
+    original = lpip_module.LearnedPerceptualImagePatchSimilarity
+    lpip_module.LearnedPerceptualImagePatchSimilarity = lambda **_: make_lpips(original)  # type: ignore
+    try:
+        yield
+    finally:
+        lpip_module.LearnedPerceptualImagePatchSimilarity = original

@@ -32,11 +32,9 @@ from nerfstudio.utils.rich_utils import CONSOLE
 from gvae_ns.atomic import torch_save_atomic
 from gvae_ns.data_checks import DataCheckError, check_dataset
 from gvae_ns.offline import to_weights_only_safe
-from gvae_ns.refine import RefineConfig, refine_run
+from gvae_ns.refine.cli import RefineConfig, refine_pipeline
+from gvae_ns.run_layout import CONFIG_FILE, RunLayout
 from gvae_ns.stages import StageSchedule, StageScheduleError
-
-LINEAGE_FILE = "lineage.npz"
-
 
 class RunConfigError(ValueError):
     """A gaussianvae run that cannot start; the message names the field and the fix."""
@@ -110,28 +108,28 @@ def check_run_config(config: TrainerConfig) -> None:
 
 def check_refine_options(model, schedule: StageSchedule, expected_gaussians: int) -> None:
     """Raise :class:`RunConfigError` for refinement options that would fail (or do nothing) after training."""
-    if not model.refine_after_training:
+    if not model.refinement_after_training:
         return
-    fix_off = " (or turn refinement off with --pipeline.model.refine-after-training False)"
-    if isinstance(model.refine_steps, bool) or not 1 <= int(model.refine_steps) <= 4:
-        raise RunConfigError(f"--pipeline.model.refine-steps is {model.refine_steps}: extrapolation takes 1..4 "
-                             f"steps (one resolution doubling each){fix_off}.")
-    if not 0.0 < float(model.refine_fraction) <= 1.0:
-        raise RunConfigError(f"--pipeline.model.refine-fraction is {model.refine_fraction}: it is the share of "
-                             f"Gaussians refined and must be in (0, 1]{fix_off}.")
-    if int(model.refine_vae_steps) < 1:
-        raise RunConfigError(f"--pipeline.model.refine-vae-steps is {model.refine_vae_steps}: the VAE needs at "
+    fix_off = " (or turn refinement off with --pipeline.model.refinement-after-training False)"
+    if isinstance(model.extrapolate_stages, bool) or not 1 <= int(model.extrapolate_stages) <= 4:
+        raise RunConfigError(f"--pipeline.model.extrapolate-stages is {model.extrapolate_stages}: extrapolation "
+                             f"takes 1..4 stages (one resolution doubling each){fix_off}.")
+    if not 0.0 < float(model.extrapolate_fraction) <= 1.0:
+        raise RunConfigError(f"--pipeline.model.extrapolate-fraction is {model.extrapolate_fraction}: it is the "
+                             f"share of Gaussians refined and must be in (0, 1]{fix_off}.")
+    if int(model.decoder_steps) < 1:
+        raise RunConfigError(f"--pipeline.model.decoder-steps is {model.decoder_steps}: the decoder needs at "
                              f"least one optimiser step{fix_off}.")
     if schedule.num_stages < 2:
         raise RunConfigError(
             f"--pipeline.model.stage-downscales {' '.join(map(str, schedule.downscales))} is one stage, but "
             "refinement learns from how Gaussians change between stages: give at least two (e.g. 4 2 1)"
             f"{fix_off}.")
-    if model.refine_select != "all" and round(float(model.refine_fraction) * expected_gaussians) == 0:
+    if model.extrapolate_select != "all" and round(float(model.extrapolate_fraction) * expected_gaussians) == 0:
         raise RunConfigError(
-            f"--pipeline.model.refine-fraction {model.refine_fraction} of the about {expected_gaussians} Gaussians "
-            f"this scene starts with selects none: raise it to at least {1.0 / max(expected_gaussians, 1):.2g}, "
-            f"or use --pipeline.model.refine-select all{fix_off}.")
+            f"--pipeline.model.extrapolate-fraction {model.extrapolate_fraction} of the about {expected_gaussians} "
+            f"Gaussians this scene starts with selects none: raise it to at least "
+            f"{1.0 / max(expected_gaussians, 1):.2g}, or use --pipeline.model.extrapolate-select all{fix_off}.")
 
 
 def _expected_gaussians(model, data: Path) -> int:
@@ -162,7 +160,7 @@ class GaussianVAETrainer(Trainer):
     @property
     def lineage_path(self) -> Path:
         """Where this run's lineage file lives (beside config.yml, not among the checkpoints)."""
-        return self.base_dir / LINEAGE_FILE
+        return RunLayout(self.base_dir).lineage
 
     def _load_checkpoint(self) -> None:
         """nerfstudio's resume, then point the optimizers at the parameters the checkpoint resized.
@@ -199,7 +197,7 @@ class GaussianVAETrainer(Trainer):
         recorder state supersedes on resume.
         """
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        ckpt_path = self.checkpoint_dir / f"step-{step:09d}.ckpt"
+        ckpt_path = self.checkpoint_dir / RunLayout(self.base_dir).checkpoint(step).name
         state = {
             "step": step,
             "pipeline": self.pipeline.state_dict(),
@@ -260,28 +258,27 @@ class GaussianVAETrainer(Trainer):
         """The ``AFTER_TRAIN`` phase: train the decoder on the lineage, select, extrapolate, write
         ``refinement.pt`` and show it (viewer and exporter)."""
         model = self.pipeline.model
-        if self.stop_training or not model.config.refine_after_training:
+        if self.stop_training or not model.config.refinement_after_training:
             return
         CONSOLE.rule("GaussianVAE refinement")
         config = RefineConfig(
-            load_config=self.base_dir / "config.yml",
-            steps=model.config.refine_steps,
-            select=model.config.refine_select,
-            fraction=model.config.refine_fraction,
-            vae_steps=model.config.refine_vae_steps,
-            retrain_vae=True,
+            load_config=self.base_dir / CONFIG_FILE,
+            stages=model.config.extrapolate_stages,
+            select=model.config.extrapolate_select,
+            fraction=model.config.extrapolate_fraction,
+            decoder_steps=model.config.decoder_steps,
+            retrain_decoder=True,
         )
         with self.train_lock:
             try:
-                refinement = refine_run(config, pipeline=self.pipeline)
+                refinement, refiner = refine_pipeline(config, self.pipeline, step=getattr(model, "step", None))
             except ValueError as err:  # a refusal (RefinementUnavailable, a file error): training is kept
                 CONSOLE.print(f"ns-train gaussianvae: refinement not made: {err} The trained scene is saved; refine "
                               f"it with gvae-refine --load-config {config.load_config}", style="bold yellow",
                               markup=False, highlight=False)
                 return
-            controls = getattr(model, "refinement_controls", None)
-            if controls is not None:
-                controls.sync()
+            model.show_refinement(refinement, refiner)
+            model.refinement_controls.sync()
         if self.viewer_state is not None and hasattr(self.viewer_state, "_trigger_rerender"):
             self.viewer_state._trigger_rerender()  # nerfstudio's own re-render of every client
         CONSOLE.print(f"[bold green]Refined scene: {refinement.describe()}")

@@ -18,7 +18,8 @@ What each control does to the model:
 control             model
 ==================  ==========================================================================
 Show refined        ``model.config.show_refined`` (off: the original Gaussians are rendered)
-Extrapolation       ``model.update_refinement(steps, select)``; 0 shows the original scene
+Extrapolation       the refiner's ``refine(stages, select)``, shown with ``model.show_refinement``; 0 shows the
+                    original scene
 Selection           the same call, with ``"hessian"`` (Hessian-guided) or ``"all"`` (whole scene)
 Tint generated      ``model.tint_new`` (generated Gaussians drawn magenta)
 counts              read-only: Gaussians of the checkpoint, Gaussians the refinement added
@@ -26,14 +27,17 @@ Refinement          read-only status line: the model's note, or why a control is
 ==================  ==========================================================================
 
 A control that cannot act is disabled and the status line says why: no refinement attached, the
-``GVAE_REFINED=0`` environment override, a model without ``update_refinement``, or a run whose lineage or
-VAE is missing (:class:`~gvae_ns.refine.RefinementUnavailable`).
+``GVAE_REFINED=0`` environment override, a model that cannot hand out its run state, or a run whose lineage
+or decoder is missing (:class:`~gvae_ns.refine.result.RefinementUnavailable`).
+
+The controls are handed what they need: ``ns-train`` passes the :class:`~gvae_ns.refine.refiner.Refiner` that
+made the refinement (:meth:`RefinementControls.use_refiner`); after ``ns-viewer`` loads a run, the first
+change builds one from the run's decoder file and the scores stored in ``refinement.pt``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import weakref
 from pathlib import Path
@@ -50,18 +54,18 @@ from nerfstudio.viewer.viewer_elements import (
 )
 from torch import nn
 
-from gvae_ns.refine import REFINEMENT_FILE, VAE_FILE, RefinementUnavailable
-from gvae_ns.densify.train import DENSIFY_HEAD_FILE
+from gvae_ns.refine.cli import load_refiner
+from gvae_ns.refine.refiner import MAX_STAGES, Refiner
+from gvae_ns.refine.result import RefinementUnavailable
+from gvae_ns.run_layout import REFINEMENT_FILE, RunLayout
 
 if TYPE_CHECKING:
     from nerfstudio.viewer.viewer import Viewer
 
-    from gvae_ns.model import GaussianVAEModel
-
 SELECTIONS: Dict[str, str] = {"Hessian-guided": "hessian", "Whole scene": "all"}
-"""Dropdown label -> ``select`` argument of ``model.update_refinement``."""
-MAX_STEPS = 4
-"""Largest extrapolation step count the slider offers."""
+"""Dropdown label -> ``select`` argument of :meth:`gvae_ns.refine.refiner.Refiner.refine`."""
+MAX_STEPS = MAX_STAGES
+"""Largest extrapolation stage count the slider offers."""
 PUT_BACK_DELAY_S = 0.2
 """Delay before a refused steps / selection change is sent to the browsers again (see ``_put_back``)."""
 
@@ -69,9 +73,10 @@ PUT_BACK_DELAY_S = 0.2
 class RefinementControls(nn.Module):
     """Viewer GUI for a :class:`~gvae_ns.model.GaussianVAEModel`'s refinement; see the module docstring."""
 
-    def __init__(self, model: "GaussianVAEModel") -> None:
+    def __init__(self, model: Any) -> None:
         super().__init__()
         self._model_ref = weakref.ref(model)
+        self._refiner: Optional[Refiner] = None
         self._applied: Optional[Tuple[int, str]] = None
         self._status: Optional[str] = None
         self._failure: Optional[str] = None
@@ -97,7 +102,7 @@ class RefinementControls(nn.Module):
         self.sync()
 
     @property
-    def _model(self) -> "GaussianVAEModel":
+    def _model(self) -> Any:
         # Private on purpose: the viewer's parse_object descends into every public nn.Module attribute,
         # and a public path back to the model would make that walk endless.
         model = self._model_ref()
@@ -109,8 +114,14 @@ class RefinementControls(nn.Module):
     @property
     def unavailable(self) -> Optional[str]:
         """Why steps / selection cannot be recomputed (``None`` while they can): the model lacks what it
-        needs, or its last ``update_refinement`` raised :class:`~gvae_ns.refine.RefinementUnavailable`."""
-        return self._failure or _unavailable_reason(self._model)
+        needs, or the last attempt raised :class:`~gvae_ns.refine.result.RefinementUnavailable`."""
+        return self._failure or _unavailable_reason(self._model, self._refiner)
+
+    def use_refiner(self, refiner: Refiner) -> None:
+        """Recompute stage counts / selections with ``refiner`` (the one that made the shown refinement)."""
+        self._refiner = refiner
+        self._failure = None
+        self._applied = None
 
     def recheck(self) -> None:
         """Forget the last RefinementUnavailable (the run may have gained its lineage / VAE since)."""
@@ -122,17 +133,17 @@ class RefinementControls(nn.Module):
             return self._applied
         model = self._model
         record = getattr(model, "refinement_record", None)
-        select = record.select if record is not None else model.config.refine_select
+        select = record.select if record is not None else model.config.extrapolate_select
         if model.refinement is None:
             return 0, _select_key(select)
-        steps = record.steps if record is not None else model.config.refine_steps
+        steps = record.steps if record is not None else model.config.extrapolate_stages
         return int(min(max(int(steps), 0), MAX_STEPS)), _select_key(select)
 
     def sync(self, status: Optional[str] = None) -> None:
         """Make every control show the model's current state (values, counts, disabled flags, status)."""
         model = self._model
         has_refinement = model.refinement is not None
-        env_off = os.environ.get("GVAE_REFINED", "1") == "0"
+        env_off = model.env_hides_refined
         fixed = self.unavailable is not None
         steps, select = self.applied()
 
@@ -153,7 +164,7 @@ class RefinementControls(nn.Module):
             self._status = status
         model = self._model
         parts = []
-        if os.environ.get("GVAE_REFINED", "1") == "0":
+        if model.env_hides_refined:
             parts.append("off: GVAE_REFINED=0 in the environment, the original scene is shown")
         elif model.refinement is not None and not model.config.show_refined:
             parts.append("hidden: the original scene is shown")
@@ -183,7 +194,7 @@ class RefinementControls(nn.Module):
         _set(self.note, value=f"computing +{wanted[0]} ({wanted[1]}) ...")
         done = False
         try:
-            status = self._model.update_refinement(wanted[0], wanted[1])
+            status = self._show(*wanted)
             self._applied = wanted
             self.sync(status=str(status))
             done = True
@@ -197,6 +208,19 @@ class RefinementControls(nn.Module):
         finally:
             if not done:  # KeyboardInterrupt / SystemExit: never leave "computing" on the screen
                 self.sync(status=f"+{wanted[0]} ({wanted[1]}) interrupted")
+
+    def _show(self, stages: int, select: str) -> str:
+        """Show the scene extrapolated ``stages`` (0..4) stages with ``select``; returns the status line."""
+        model = self._model
+        if stages == 0:
+            model.set_refinement(None, note="showing the trained scene (+0)")
+            return model.refinement_note
+        if self._refiner is None:
+            record = model.refinement_record
+            self._refiner = load_refiner(model.run_state(), record and record.scores,
+                                         record.decoder if record else "temporal", model.config.extrapolate_fraction)
+        model.show_refinement(self._refiner.refine(stages, select))
+        return model.refinement_note
 
     def _put_back(self, status: Optional[str] = None) -> None:
         """Show the applied steps / selection again after a change that could not be made.
@@ -248,21 +272,21 @@ def _one_line(err: BaseException) -> str:
     return text if text else type(err).__name__
 
 
-def _unavailable_reason(model: "GaussianVAEModel") -> Optional[str]:
-    """Why ``update_refinement`` cannot run on ``model`` (``None`` when it may)."""
-    if not callable(getattr(model, "update_refinement", None)):
-        return ("this gvae-ns model cannot recompute refinements (no update_refinement); "
-                "run gvae-refine --steps K --select MODE and reopen the viewer")
+def _unavailable_reason(model: Any, refiner: Optional[Refiner]) -> Optional[str]:
+    """Why stage counts / selections cannot be recomputed for ``model`` (``None`` when they can)."""
+    if not callable(getattr(model, "run_state", None)):
+        return ("this gvae-ns model cannot hand out its run state; run gvae-refine --stages K --select MODE and "
+                "reopen the viewer")
     recorder = getattr(getattr(model, "strategy", None), "recorder", None)
     if recorder is None or getattr(recorder, "num_snapshots", 0) == 0:
         return ("the checkpoint has no lineage snapshots (train with ns-train gaussianvae through at least "
                 "two resolution stages)")
-    if getattr(model, "refiner", None) is None:
+    if refiner is None:
         run_dir = model.config.run_dir
         record = getattr(model, "refinement_record", None)
-        name = DENSIFY_HEAD_FILE if record is not None and record.decoder == "generative" else VAE_FILE
-        if run_dir is None or not (Path(run_dir) / name).is_file():
-            return f"no trained decoder ({name}) beside the run: run gvae-refine first"
+        decoder = record.decoder if record is not None else "temporal"
+        if run_dir is None or not RunLayout(Path(run_dir)).decoder(decoder).is_file():
+            return f"no trained decoder ({RunLayout(Path('.')).decoder(decoder).name}) beside the run: run gvae-refine first"
         if record is None or not record.scores:
             return f"no selection scores in {REFINEMENT_FILE}: run gvae-refine first"
     return None

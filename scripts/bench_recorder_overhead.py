@@ -48,7 +48,7 @@ def run(code: str, data: Path, steps: int, out: Path) -> float:
         "--pipeline.model.random-scale", "3.0", "--pipeline.model.stage-downscales", "8", "4", "2",
         "--pipeline.model.stage-steps", str(s), str(s), str(steps - 2 * s), "--max-num-iterations", str(steps),
         "--pipeline.model.warmup-length", "100", "--pipeline.model.refine-every", "100",
-        "--pipeline.model.refine-after-training", "False", "--steps-per-eval-image", "100000",
+        "--pipeline.model.refinement-after-training", "False", "--steps-per-eval-image", "100000",
         "--steps-per-eval-all-images", "100000", "--steps-per-save", "100000",
         "blender-data", "--data", str(data),
     ]

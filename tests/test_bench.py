@@ -38,10 +38,10 @@ def _tiny_config(output: Path) -> BenchConfig:
         oracle=False,
         ours_downscales=(2, 1),
         ours_stage_fractions=(0.5, 0.5),
-        refine_steps=(1,),
+        extrapolate_stages=(1,),
         refine_selects=("hessian",),
         refine_decoders=("temporal",),
-        refine_args="--vae-steps 30",
+        refine_args="--decoder-steps 30",
         train_args="--pipeline.model.num-random 1000 --pipeline.model.random-scale 2.0 "
         "--pipeline.model.warmup-length 20 --pipeline.model.refine-every 20",
         jobs=2,
@@ -111,8 +111,8 @@ def test_suite_files_and_command_line(tmp_path):
     config.check_config(cfg)
     config.check_config(gpu)
     over = run.parse_args(["--config", str(ROOT / "configs" / "bench-cpu.yaml"), "--steps", "40",
-                             "--scene.resolution", "48", "--refine-args=--vae-steps 20"])
-    assert (over.steps, over.scene.resolution, over.refine_args) == (40, 48, "--vae-steps 20")
+                             "--scene.resolution", "48", "--refine-args=--decoder-steps 20"])
+    assert (over.steps, over.scene.resolution, over.refine_args) == (40, 48, "--decoder-steps 20")
     assert over.train_args == cfg.train_args, "flags not given keep the suite's values"
     bad = tmp_path / "bad.yaml"
     bad.write_text("steps: 10\nstepz: 3\n")
@@ -128,12 +128,11 @@ def test_suite_files_and_command_line(tmp_path):
 
 
 def test_generative_decoder_rows(tmp_path, monkeypatch):
-    from gvae_ns import refine
-    from gvae_ns.densify.train import DENSIFY_HEAD_FILE
+    from gvae_ns.run_layout import DECODER_FILES
 
-    cfg = BenchConfig(output=tmp_path / "out", baselines=(), oracle=False, refine_steps=(2,),
+    cfg = BenchConfig(output=tmp_path / "out", baselines=(), oracle=False, extrapolate_stages=(2,),
                       refine_selects=("all", "hessian"), refine_decoders=("temporal", "generative"),
-                      refine_args="--vae-steps 7")
+                      refine_args="--decoder-steps 7")
     _, rows = plan.plan(cfg, tmp_path / "scene", {2: tmp_path / "x2"})
     assert [(r.name, r.label, r.refine_decoder) for r in rows[1:]] == [
         ("ours-all-p2-x2", "Ours +2", "temporal"),
@@ -145,7 +144,7 @@ def test_generative_decoder_rows(tmp_path, monkeypatch):
     run_dir = tmp_path / "run_dir"
     run_dir.mkdir()
     built = bench_refine.refine_config(cfg, generative, run_dir / "config.yml")
-    assert (built.decoder, built.select, built.steps, built.vae_steps) == ("generative", "all", 2, 7)
+    assert (built.decoder, built.select, built.stages, built.decoder_steps) == ("generative", "all", 2, 7)
     assert built.output == bench_refine.refinement_path(cfg.output, generative)
     assert bench_refine.refine_config(cfg, temporal, run_dir / "config.yml").decoder == "temporal"
     record = {"config": str(run_dir / "config.yml"), "fingerprint": "f", "finished_at": 1.0}
@@ -154,11 +153,11 @@ def test_generative_decoder_rows(tmp_path, monkeypatch):
         bench_refine.refine_config(dataclasses.replace(cfg, refine_args="--decoder temporal"), generative, run_dir / "config.yml")
 
     def fake_refine_run(config, pipeline=None):  # writes what refine_run would, without training
-        name = DENSIFY_HEAD_FILE if config.decoder == "generative" else refine.VAE_FILE
+        name = DECODER_FILES[config.decoder]
         (run_dir / name).write_bytes(b"decoder")
         torch.save({}, config.output)
 
-    monkeypatch.setattr(refine, "refine_run", fake_refine_run)
+    monkeypatch.setattr(bench_refine, "refine_run", fake_refine_run)
     made = [bench_refine.refine_row(cfg, row, record)["includes_vae_training"] for row in (generative, rows[4], temporal)]
     assert made == [True, False, True], "each decoder's file is trained once per run, the first time it is needed"
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,12 +11,11 @@ import torch.nn.functional as F
 
 from gvae_ns.gaussians import MEANS, OPACITY, QUATS, SCALES, SH_DC, SH_REST, STATE_DIM
 from gvae_ns.lineage.dataset import TransitionSet
+from gvae_ns.run_layout import DENSIFY_HEAD_FILE
 from gvae_ns.densify.head import DensifyHead, DensifyHeadConfig, quat_rotate
+from gvae_ns.densify.apply import densify
 from gvae_ns.densify.train import (
-    DENSIFY_HEAD_FILE,
     DensifyTrainConfig,
-    densify,
-    densify_head_for_run,
     densify_loss,
     load_densify_head,
     save_densify_head,
@@ -180,8 +178,10 @@ def test_cap_takes_whole_families_in_row_order_for_a_one_layer_head():
     assert generated.shape[0] == 10 and source.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
 
 
-def test_head_for_run_trains_once_then_loads(tmp_path):
+def test_head_for_run_trains_once_then_loads(tmp_path, monkeypatch):
     from gvae_ns.lineage.recorder import LineageRecorder
+    from gvae_ns.refine import decoder as decoders
+    from gvae_ns.tagged_file import Provenance
 
     state = split_parents(24, seed=7)
     params = {"means": state[:, MEANS], "quats": state[:, QUATS], "scales": state[:, SCALES],
@@ -190,21 +190,31 @@ def test_head_for_run_trains_once_then_loads(tmp_path):
     recorder = LineageRecorder()
     recorder.snapshot(params, {}, stage=0, step=0)
     recorder.snapshot(params, {}, stage=1, step=10)
+    monkeypatch.setattr(decoders, "DensifyTrainConfig", lambda steps: DensifyTrainConfig(head=HEAD, steps=steps))
+    provenance = Provenance(step=10, num_gaussians=24, gaussians_sha256="a" * 64, config_sha256="b" * 64)
+    path = tmp_path / DENSIFY_HEAD_FILE
     messages: list = []
-    config = DensifyTrainConfig(head=HEAD, steps=3)
-    first = densify_head_for_run(tmp_path, recorder.to_lineage(), config, log=messages.append)
-    assert (tmp_path / DENSIFY_HEAD_FILE).is_file() and "trained" in messages[-1]
-    again = densify_head_for_run(tmp_path, recorder.to_lineage(), config, log=messages.append)
+
+    def get(retrain=False):
+        return decoders.decoder_for_run("generative", path, recorder.to_lineage(), provenance, 3, "cpu",
+                                        retrain=retrain, log=messages.append)
+
+    first = get()
+    assert path.is_file() and "trained" in messages[-1]
+    again = get()
     assert "using" in messages[-1]
-    for a, b in zip(first.state_dict().values(), again.state_dict().values()):
+    for a, b in zip(first.net.state_dict().values(), again.net.state_dict().values()):
         torch.testing.assert_close(a, b)
-    densify_head_for_run(tmp_path, recorder.to_lineage(), config, retrain=True, log=messages.append)
+    get(retrain=True)
     assert "trained" in messages[-1]
 
 
 def test_generative_refiner_replaces_selected_by_their_descendants(trained, tmp_path):
     from gvae_ns.lineage.recorder import LineageRecorder
-    from gvae_ns.refine import Refiner, load_refinement, save_refinement
+    from gvae_ns.refine.decoder import DensifyHeadDecoder, decoder_class
+    from gvae_ns.refine.refiner import Refiner, RunState
+    from gvae_ns.refine.result import load_refinement, save_refinement
+    from gvae_ns.tagged_file import Provenance
 
     head, _ = trained
     n = 30
@@ -216,10 +226,11 @@ def test_generative_refiner_replaces_selected_by_their_descendants(trained, tmp_
     strategy_state: dict = {}
     recorder.snapshot(params, strategy_state, stage=0, step=0)
     recorder.snapshot(params, strategy_state, stage=1, step=10)
-    model = SimpleNamespace(gauss_params=params, recorder=recorder)
+    provenance = Provenance(step=10, num_gaussians=n, gaussians_sha256="a" * 64, config_sha256="b" * 64)
+    run = RunState(params=params, lineage=recorder.to_lineage(), live_ids=recorder.live_ids, provenance=provenance,
+                   run_dir=None, device="cpu")
     scores = {"grad2d": torch.linspace(1.0, 0.1, n), "hessian": torch.linspace(1.0, 0.1, n)}
-    refiner = Refiner(model, head, scores, lineage=recorder.to_lineage(), fraction=0.5, max_new_ratio=1.0,
-                      decoder="generative")
+    refiner = Refiner(run, DensifyHeadDecoder(head), scores, fraction=0.5, max_new_ratio=1.0)
     out = refiner.refine(2, "hessian")
 
     assert torch.equal(out.selected, torch.arange(15))
@@ -234,5 +245,6 @@ def test_generative_refiner_replaces_selected_by_their_descendants(trained, tmp_
     path = save_refinement(out, tmp_path / "refinement.pt")
     again = load_refinement(path, num_original=n)
     assert torch.equal(again.is_new, out.is_new) and torch.equal(again.removed, out.removed)
+    assert out.decoder == "generative"
     with pytest.raises(ValueError, match="decoder"):
-        Refiner(model, head, scores, lineage=recorder.to_lineage(), decoder="spline")
+        decoder_class("spline")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import List
@@ -27,25 +26,10 @@ from typing import List
 import pytest
 import torch
 
-BIN = Path(sys.executable).parent
-FLAGS = [
-    "--vis", "tensorboard",
-    "--machine.device-type", "cpu",
-    "--pipeline.model.background-color", "white",
-    "--pipeline.model.num-random", "400",
-    "--pipeline.model.random-scale", "3.0",
-    "--pipeline.model.stage-downscales", "4", "2", "1",
-    "--pipeline.model.stage-steps", "20", "20", "20",
-    "--max-num-iterations", "60",
-    "--pipeline.model.warmup-length", "5",
-    "--pipeline.model.refine-every", "5",
-    "--pipeline.model.refine-vae-steps", "20",
-    "--pipeline.model.refine-fraction", "0.2",
-    "--steps-per-eval-image", "1000",
-    "--steps-per-eval-all-images", "100000",
-    "--steps-per-save", "10",
-    "--save-only-latest-checkpoint", "False",
-]
+from tiny_runs import BIN, run_env, tiny_flags
+
+FLAGS = tiny_flags(num_random=400, stage_steps=(20, 20, 20), every=5, decoder_steps=20, save_every=10) + [
+    "--save-only-latest-checkpoint", "False"]
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +41,7 @@ def scene(tmp_path_factory) -> Path:
 
 
 def _env(**extra: str) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1", **extra)
-    env.pop("GVAE_REFINED", None)
-    return env
+    return run_env(**extra)
 
 
 def _train_and_kill(out: Path, name: str, stall: str, extra: List[str], scene: Path) -> Path:
@@ -120,7 +102,7 @@ def _assert_prefix(before, after) -> None:
 
 def test_kill_during_each_write_then_resume(scene, tmp_path):
     from gvae_ns.lineage.format import load_lineage
-    from gvae_ns.refine import REFINEMENT_FILE
+    from gvae_ns.run_layout import REFINEMENT_FILE
 
     out = tmp_path / "out"
     # 1. the third checkpoint write (saves at steps 10, 20, 30, ...)
@@ -147,7 +129,7 @@ def test_kill_during_each_write_then_resume(scene, tmp_path):
     _assert_prefix(lineage_a, lineage_c)
 
     # refinement is redone from the complete run
-    proc = subprocess.run([str(BIN / "gvae-refine"), "--load-config", str(run_c / "config.yml"), "--vae-steps", "20"],
+    proc = subprocess.run([str(BIN / "gvae-refine"), "--load-config", str(run_c / "config.yml"), "--decoder-steps", "20"],
                           capture_output=True, text=True, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run_c / REFINEMENT_FILE).is_file()

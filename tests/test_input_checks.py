@@ -186,12 +186,12 @@ SCHEDULE = StageSchedule((4, 2, 1), (10, 10, 10))
 @pytest.mark.parametrize(
     "changes, words",
     [
-        ({"refine_steps": 0}, "refine-steps is 0"),
-        ({"refine_steps": 5}, "refine-steps is 5"),
-        ({"refine_fraction": 0.0}, "refine-fraction is 0.0"),
-        ({"refine_fraction": 1.5}, "refine-fraction is 1.5"),
-        ({"refine_vae_steps": 0}, "refine-vae-steps is 0"),
-        ({"refine_fraction": 1e-6}, "selects none"),
+        ({"extrapolate_stages": 0}, "extrapolate-stages is 0"),
+        ({"extrapolate_stages": 5}, "extrapolate-stages is 5"),
+        ({"extrapolate_fraction": 0.0}, "extrapolate-fraction is 0.0"),
+        ({"extrapolate_fraction": 1.5}, "extrapolate-fraction is 1.5"),
+        ({"decoder_steps": 0}, "decoder-steps is 0"),
+        ({"extrapolate_fraction": 1e-6}, "selects none"),
     ],
 )
 def test_refine_options_out_of_range(changes, words):
@@ -204,8 +204,8 @@ def test_one_stage_schedule_with_refinement_on_is_refused_and_allowed_when_off()
     one = StageSchedule((1,), (30,))
     with pytest.raises(RunConfigError, match="is one stage"):
         check_refine_options(GaussianVAEModelConfig(), one, expected_gaussians=50_000)
-    check_refine_options(GaussianVAEModelConfig(refine_after_training=False), one, expected_gaussians=50_000)
-    check_refine_options(GaussianVAEModelConfig(refine_select="all", refine_fraction=1e-6), SCHEDULE, 50_000)
+    check_refine_options(GaussianVAEModelConfig(refinement_after_training=False), one, expected_gaussians=50_000)
+    check_refine_options(GaussianVAEModelConfig(extrapolate_select="all", extrapolate_fraction=1e-6), SCHEDULE, 50_000)
 
 
 # --------------------------------------------------------------------------------------------- ns-train
@@ -219,11 +219,11 @@ def _ns_train(output: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=env, timeout=300)
 
 
-@pytest.mark.parametrize("case", ["refine-steps", "missing-test-image", "colmap-size"])
+@pytest.mark.parametrize("case", ["extrapolate-stages", "missing-test-image", "colmap-size"])
 def test_ns_train_refuses_before_training_with_exit_status_2(blender, tmp_path, case):
-    if case == "refine-steps":
-        args = ["--pipeline.model.refine-steps", "7", "blender-data", "--data", str(blender)]
-        words = "refine-steps is 7"
+    if case == "extrapolate-stages":
+        args = ["--pipeline.model.extrapolate-stages", "7", "blender-data", "--data", str(blender)]
+        words = "extrapolate-stages is 7"
     elif case == "missing-test-image":
         data = _copy(blender, tmp_path / "d")
         frames = json.loads((data / "transforms_test.json").read_text())["frames"]
@@ -239,3 +239,16 @@ def test_ns_train_refuses_before_training_with_exit_status_2(blender, tmp_path, 
     assert len(message) == 1 and words in message[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("config.yml"))
+
+
+def test_old_refinement_flag_names_still_work_and_say_the_new_ones(capsys):
+    """The 0.1 names (--pipeline.model.refine-steps ...) map onto the new fields for one release."""
+    import tyro
+
+    config = tyro.cli(GaussianVAEModelConfig, args=["--refine-steps", "3", "--refine-fraction", "0.5",
+                                                    "--refine-vae-steps", "7", "--refine-after-training", "False"])
+    assert (config.extrapolate_stages, config.extrapolate_fraction, config.decoder_steps) == (3, 0.5, 7)
+    assert config.refinement_after_training is False and config.refine_steps is None
+    out = capsys.readouterr().out
+    assert "--pipeline.model.refine-steps is deprecated, use --pipeline.model.extrapolate-stages" in " ".join(out.split())
+    assert "run-dir" not in " ".join(tyro.extras.get_parser(GaussianVAEModelConfig).format_help().split())

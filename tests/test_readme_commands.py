@@ -88,7 +88,7 @@ def run(tmp_path_factory) -> Path:
              "--pipeline.model.num-random", "400", "--pipeline.model.stage-downscales", "4", "2", "1",
              "--pipeline.model.stage-steps", "15", "15", "20", "--max-num-iterations", "50",
              "--pipeline.model.warmup-length", "5", "--pipeline.model.refine-every", "5",
-             "--pipeline.model.refine-vae-steps", "20", "--pipeline.model.refine-fraction", "0.2",
+             "--pipeline.model.decoder-steps", "20", "--pipeline.model.extrapolate-fraction", "0.2",
              "--steps-per-eval-image", "1000", "--steps-per-eval-all-images", "100000"]
     proc = subprocess.run([str(BIN / "ns-train"), "gaussianvae", "--output-dir", str(root / "outputs"),
                            "--experiment-name", "synthetic", *flags, "blender-data", "--data", str(scene)],

@@ -18,7 +18,7 @@ import yaml
 
 from test_train_e2e import BIN, TINY_FLAGS, _env, ns
 
-from gvae_ns.refine import main
+from gvae_ns.refine.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +90,11 @@ def provenance_of(path: Path) -> dict:
 @pytest.mark.parametrize(
     "args, words",
     [
-        (["--steps", "0"], "--steps must be in 1..4"),
-        (["--steps", "5"], "--steps must be in 1..4, got 5"),
+        (["--stages", "0"], "--stages must be in 1..4"),
+        (["--stages", "5"], "--stages must be in 1..4, got 5"),
         (["--fraction", "0"], "--fraction must be in (0, 1]"),
         (["--fraction", "1.5"], "--fraction must be in (0, 1], got 1.5"),
-        (["--vae-steps", "0"], "--vae-steps must be at least 1"),
+        (["--decoder-steps", "0"], "--decoder-steps must be at least 1"),
         (["--max-new-ratio", "0"], "--max-new-ratio must be above 0"),
         (["--score-views", "-1"], "--score-views must be 0"),
         ([], "does not exist: pass the run's config.yml"),
@@ -118,10 +118,10 @@ def test_unknown_choice_is_refused_by_the_parser(capsys, tmp_path):
 
 
 def test_console_script_exits_2_with_one_paragraph(tmp_path):
-    proc = subprocess.run([str(BIN / "gvae-refine"), "--load-config", str(tmp_path / "config.yml"), "--steps", "7"],
+    proc = subprocess.run([str(BIN / "gvae-refine"), "--load-config", str(tmp_path / "config.yml"), "--stages", "7"],
                           capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 2
-    assert_one_paragraph(proc.stderr, "--steps must be in 1..4, got 7")
+    assert_one_paragraph(proc.stderr, "--stages must be in 1..4, got 7")
 
 
 # ---------------------------------------------------------------------------------------------- vae.pt
@@ -134,13 +134,13 @@ def test_vae_of_an_earlier_checkpoint_is_refused_then_rebuilt_on_request(capsys,
     assert code == 2
     assert_one_paragraph(err, f"{copy / 'vae.pt'}: it was made from another run state", "checkpoint step 69 (the run's "
                          "checkpoint is step 100)", "ids/parameters sha256",
-                         f"gvae-refine --load-config {copy / 'config.yml'} --retrain-vae")
+                         f"gvae-refine --load-config {copy / 'config.yml'} --retrain-decoder")
     assert "Gaussians (the checkpoint has" not in err, "the count is the same: the digest tells them apart"
     assert (copy / "vae.pt").read_bytes() == vae_before, "a refused file is left as it is"
     assert (copy / "refinement.pt").read_bytes() == ref_before
     assert "refinement.pt: it was made from another run state" in out, "the stale refinement is refused at load"
 
-    code, out, err = cli(capsys, "--load-config", copy / "config.yml", "--retrain-vae", "--vae-steps", "5")
+    code, out, err = cli(capsys, "--load-config", copy / "config.yml", "--retrain-decoder", "--decoder-steps", "5")
     assert code == 0, err
     assert "was refused" in out and "trained the VAE" in out
     assert provenance_of(copy / "vae.pt")["step"] == 100
@@ -174,7 +174,7 @@ def test_foreign_or_malformed_vae_is_refused(capsys, run, tmp_path, change, word
     tamper(copy / "vae.pt", change)
     code, _, err = cli(capsys, "--load-config", copy / "config.yml")
     assert code == 2
-    assert_one_paragraph(err, str(copy / "vae.pt"), "--retrain-vae", *words)
+    assert_one_paragraph(err, str(copy / "vae.pt"), "--retrain-decoder", *words)
 
 
 def test_unreadable_vae_is_refused(capsys, run, tmp_path):
@@ -210,7 +210,7 @@ def test_stale_or_malformed_densify_head_is_refused(capsys, run, tmp_path, damag
     before = path.read_bytes()
     code, _, err = cli(capsys, "--load-config", copy / "config.yml", "--decoder", "generative")
     assert code == 2
-    assert_one_paragraph(err, str(path), "--decoder generative --retrain-vae", *words)
+    assert_one_paragraph(err, str(path), "--decoder generative --retrain-decoder", *words)
     assert path.read_bytes() == before
 
 
@@ -218,7 +218,7 @@ def test_stale_or_malformed_densify_head_is_refused(capsys, run, tmp_path, damag
 def test_stale_refinement_is_refused_at_load_and_replaced_by_gvae_refine(capsys, run, tmp_path):
     from nerfstudio.utils.eval_utils import eval_setup
 
-    from gvae_ns.refine import REFINEMENT_FILE
+    from gvae_ns.run_layout import REFINEMENT_FILE
 
     copy = copy_run(run, tmp_path)
     tamper(copy / REFINEMENT_FILE, lambda p: p["provenance"].update(gaussians_sha256="12" * 32))
@@ -232,7 +232,7 @@ def test_stale_refinement_is_refused_at_load_and_replaced_by_gvae_refine(capsys,
     assert str(copy / REFINEMENT_FILE) in model.refinement_controls.note.value
     capsys.readouterr()
 
-    code, out, err = cli(capsys, "--load-config", copy / "config.yml", "--steps", "2")
+    code, out, err = cli(capsys, "--load-config", copy / "config.yml", "--stages", "2")
     assert code == 0, err
     assert "was refused" in out and "using the VAE" in out
     assert provenance_of(copy / REFINEMENT_FILE) == provenance_of(copy / "vae.pt")
@@ -275,3 +275,15 @@ def test_ns_export_refuses_a_malformed_refinement_with_the_same_message(run, tmp
     ckpt = torch.load(next((copy / "nerfstudio_models").glob("*.ckpt")), map_location="cpu", weights_only=True)
     n_original = ckpt["pipeline"]["_model.gauss_params.means"].shape[0]
     assert PlyData.read(str(tmp_path / "ply" / "splat.ply"))["vertex"].count <= n_original
+
+
+def test_old_gvae_refine_flag_names_still_work_and_say_the_new_ones(capsys):
+    import tyro
+
+    from gvae_ns.refine.cli import RefineConfig
+
+    config = tyro.cli(RefineConfig, args=["--load-config", "x.yml", "--steps", "2", "--vae-steps", "9",
+                                          "--retrain-vae"])
+    assert (config.stages, config.decoder_steps, config.retrain_decoder) == (2, 9, True)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--steps is deprecated, use --stages" in out and "--vae-steps is deprecated" in out

@@ -1,19 +1,18 @@
 """The tagged files beside a run (refinement.pt, vae.pt, densify_head.pt): round trip, provenance, and one
 clean paragraph for files that do not belong to the run or are damaged."""
 
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from gvae_ns.refine import (
-    PARAM_KEYS,
+from gvae_ns.gaussians import PARAM_KEYS
+from gvae_ns.refine.result import (
     REFINEMENT_VERSION,
     Refinement,
     RefinementFileError,
     load_refinement,
     rebuild_hint,
-    run_provenance,
+    provenance_of,
     save_refinement,
 )
 from gvae_ns.tagged_file import Provenance, TaggedFileError, digest_config, digest_tensors
@@ -180,20 +179,21 @@ def test_malformed_but_tagged_files_give_one_clean_paragraph(tmp_path, change, w
 def test_run_provenance_ties_to_ids_parameters_and_config():
     from gvae_ns.model import GaussianVAEModelConfig
 
-    def model(seed=0, ids=None, **config):
-        recorder = SimpleNamespace(live_ids=torch.arange(10) if ids is None else ids)
-        return SimpleNamespace(gauss_params=_params(10, seed), strategy=SimpleNamespace(recorder=recorder),
-                               config=GaussianVAEModelConfig(**config))
+    def run(seed=0, ids=None, step=None, **config):
+        return provenance_of(_params(10, seed), torch.arange(10) if ids is None else ids,
+                             GaussianVAEModelConfig(**config), step)
 
-    base = run_provenance(model(), step=5)
+    base = run(step=5)
     assert base.step == 5 and base.num_gaussians == 10
-    assert run_provenance(model(), step=5) == base
-    assert run_provenance(model(seed=1)).gaussians_sha256 != base.gaussians_sha256
-    assert run_provenance(model(ids=torch.arange(10) + 1)).gaussians_sha256 != base.gaussians_sha256
-    assert run_provenance(model(sh_degree=2)).config_sha256 != base.config_sha256
-    assert run_provenance(model(refine_every=50)).config_sha256 != base.config_sha256  # densification setting
+    assert run(step=5) == base
+    assert run(seed=1).gaussians_sha256 != base.gaussians_sha256
+    assert run(ids=torch.arange(10) + 1).gaussians_sha256 != base.gaussians_sha256
+    assert run(sh_degree=2).config_sha256 != base.config_sha256
+    assert run(stage_steps=(10, 10, 20)).config_sha256 != base.config_sha256  # the schedule shapes the scene
+    assert run(refine_every=50).config_sha256 != base.config_sha256  # densification setting
     # Settings that do not change the trained Gaussians do not make the files stale.
-    same = run_provenance(model(run_dir="/elsewhere", show_refined=False, refine_steps=3, refine_fraction=0.5))
+    same = run(run_dir="/elsewhere", show_refined=False, extrapolate_stages=3, extrapolate_fraction=0.5,
+               decoder_steps=7, refine_steps=2)
     assert same.config_sha256 == base.config_sha256
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from gvae_ns.select import combine_scores, select_top
+from gvae_ns.refine.score import combine_scores, select_top
 
 
 def test_grad_mode_is_the_gradient_and_all_mode_is_uniform():

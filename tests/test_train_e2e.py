@@ -5,38 +5,19 @@ One tiny run (32 px, stages 8 -> 16 -> 32 px) is trained once for the module; th
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-BIN = Path(sys.executable).parent
-TINY_FLAGS = [
-    "--vis", "tensorboard",
-    "--machine.device-type", "cpu",
-    "--pipeline.model.background-color", "white",
-    "--pipeline.model.num-random", "600",
-    "--pipeline.model.random-scale", "3.0",
-    "--pipeline.model.stage-downscales", "4", "2", "1",
-    "--pipeline.model.stage-steps", "20", "20", "30",
-    "--max-num-iterations", "70",
-    "--pipeline.model.warmup-length", "10",
-    "--pipeline.model.refine-every", "10",
-    "--pipeline.model.refine-vae-steps", "30",
-    "--pipeline.model.refine-fraction", "0.2",
-    "--steps-per-eval-image", "1000",
-    "--steps-per-eval-all-images", "100000",
-    "--steps-per-save", "35",
-]
+from tiny_runs import BIN, run_env, tiny_flags
+
+TINY_FLAGS = tiny_flags(save_every=35)
 
 
 def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
-    env.pop("GVAE_REFINED", None)
-    return env
+    return run_env()
 
 
 def ns(cmd: str, *args: str, check: bool = True, env=None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -93,7 +74,8 @@ def test_export_writes_refined_scene_by_default_and_original_on_request(run, tmp
     from plyfile import PlyData
     from test_splat_transform import assert_ply_matches, check_exported_ply, expected_columns, exported_rows
 
-    from gvae_ns.refine import PARAM_KEYS, load_refinement
+    from gvae_ns.gaussians import PARAM_KEYS
+    from gvae_ns.refine.result import load_refinement
 
     ckpt = torch.load(next((run / "nerfstudio_models").glob("*.ckpt")), map_location="cpu", weights_only=True)
     original = {k: ckpt["pipeline"][f"_model.gauss_params.{k}"] for k in PARAM_KEYS}
@@ -142,7 +124,7 @@ def test_resume_continues_the_same_lineage(run, scene, tmp_path):
     flags = [f for f in TINY_FLAGS]
     flags[flags.index("--max-num-iterations") + 1] = "10"
     ns("ns-train", "gaussianvae", "--output-dir", tmp_path, "--experiment-name", "resumed", *flags,
-       "--pipeline.model.refine-after-training", "False", "--load-dir", run / "nerfstudio_models",
+       "--pipeline.model.refinement-after-training", "False", "--load-dir", run / "nerfstudio_models",
        "blender-data", "--data", scene)
     resumed_run = next((tmp_path / "resumed" / "gaussianvae").iterdir())
     after = load_lineage(resumed_run / "lineage.npz")

@@ -17,10 +17,9 @@ from gvae_ns.vae.model import (
     GaussianVAE,
     GaussianVAEConfig,
     StreamConfig,
-    load_vae,
     register_decoder,
-    save_vae,
 )
+from gvae_ns.vae.file import load_vae, save_vae
 from gvae_ns.vae.train import VAETrainConfig, train_vae
 
 TINY_STREAM = dict(width=32, encoder_layers=1, decoder_layers=2, heads=2, latent_dim=4, flow_layers=2,

@@ -25,7 +25,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +37,8 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 import pytest
 import torch
+
+from tiny_runs import stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "artifacts" / "viewer"
@@ -80,27 +81,14 @@ def _wait(what: str, check: Callable[[], Any], timeout: float, every: float = 0.
         time.sleep(every)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """End a process this test started (its own process group), politely first."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
-    except (subprocess.TimeoutExpired, ProcessLookupError):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=10)
-
-
 # ------------------------------------------------------------------------------------------- the run
 def _write_refinement(run: Path) -> int:
     """Refinement file = the checkpoint's Gaussians + ``ADDED`` big opaque green ones around (0, 0, 0.5)."""
     from nerfstudio.models.splatfacto import RGB2SH
 
-    from gvae_ns.refine import PARAM_KEYS, REFINEMENT_FILE, Refinement, save_refinement
+    from gvae_ns.gaussians import PARAM_KEYS
+    from gvae_ns.refine.result import Refinement, save_refinement
+    from gvae_ns.run_layout import REFINEMENT_FILE
 
     ckpt = sorted(glob.glob(str(run / "nerfstudio_models" / "*.ckpt")))[-1]
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["pipeline"]
@@ -131,10 +119,8 @@ def _provenance(run: Path):
     """The run state a refinement beside ``run`` must record (files without it are refused when loaded)."""
     from nerfstudio.utils.eval_utils import eval_setup
 
-    from gvae_ns.refine import run_provenance
-
     _, pipeline, _, step = eval_setup(run / "config.yml", test_mode="inference")
-    return run_provenance(pipeline.model, step)
+    return pipeline.model.provenance(step)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +139,7 @@ def refined_run(tmp_path_factory) -> Dict[str, Any]:
          "--pipeline.model.random-scale", "2.0", "--pipeline.model.stage-downscales", "4", "2", "1",
          "--pipeline.model.stage-steps", "20", "20", "40", "--max-num-iterations", "80",
          "--pipeline.model.warmup-length", "10", "--pipeline.model.refine-every", "10",
-         "--pipeline.model.refine-after-training", "False", "blender-data", "--data", str(data)],
+         "--pipeline.model.refinement-after-training", "False", "blender-data", "--data", str(data)],
         env=env, capture_output=True, text=True, timeout=240,
     )
     assert train.returncode == 0, f"ns-train failed:\n{train.stdout[-3000:]}\n{train.stderr[-3000:]}"
@@ -188,7 +174,7 @@ def viewer_url(refined_run):
         _wait("ns-viewer to serve its page", serving, timeout=120, every=0.5)
         yield url
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 # --------------------------------------------------------------------------------------- the browser
@@ -219,7 +205,7 @@ class Browser:
             target = _wait("chromium's DevTools endpoint", page_target, timeout=30)
             self.ws = connect(target, max_size=64 * 1024 * 1024, open_timeout=10)
         except BaseException:
-            _stop(self.proc)
+            stop_process(self.proc)
             raise
         self.next_id = 0
 
@@ -282,7 +268,7 @@ class Browser:
         try:
             self.ws.close()
         finally:
-            _stop(self.proc)
+            stop_process(self.proc)
 
 
 @pytest.fixture()

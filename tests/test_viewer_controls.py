@@ -20,7 +20,7 @@ from nerfstudio.viewer.utils import parse_object
 from nerfstudio.viewer.viewer_elements import ViewerControl, ViewerElement
 
 from gvae_ns.model import GaussianVAEModelConfig
-from gvae_ns.refine import RefinementUnavailable
+from gvae_ns.refine.result import Refinement, RefinementUnavailable
 
 NUM = 64
 ADDED = 5
@@ -49,25 +49,28 @@ def _change(element, value) -> None:
     element.cb_hook(element)
 
 
-def _make_recomputable(model, monkeypatch, calls: List[Tuple[int, str]], fail: str = "") -> None:
-    """Give ``model`` what the controls check for (a lineage snapshot, a refiner) and a fake
-    update_refinement that records its calls (and raises RefinementUnavailable(fail) if ``fail``)."""
+class _FakeRefiner:
+    """Stands in for a Refiner: records its calls; raises RefinementUnavailable(fail) if ``fail``."""
+
+    def __init__(self, model, calls: List[Tuple[int, str]], fail: str = "") -> None:
+        self.model, self.calls, self.fail = model, calls, fail
+
+    def refine(self, stages: int, select: str) -> Refinement:
+        self.calls.append((stages, select))
+        if self.fail:
+            raise RefinementUnavailable(self.fail)
+        params, is_new = _refined_params(self.model)
+        return Refinement(params=params, is_new=is_new, selected=torch.arange(ADDED), removed=torch.zeros(0).long(),
+                          scores={}, num_original=NUM, steps=stages, select=select)
+
+
+def _make_recomputable(model, calls: List[Tuple[int, str]], fail: str = "") -> _FakeRefiner:
+    """Give ``model`` what the controls check for (a lineage snapshot) and hand its controls a fake refiner."""
     model.snapshot_stage(0)
-    model.refiner = object()
-
-    def update_refinement(steps: int, select: str) -> str:
-        calls.append((steps, select))
-        if fail:
-            raise RefinementUnavailable(fail)
-        if steps == 0:
-            model.set_refinement(None, note="showing the trained scene (+0)")
-        else:
-            params, is_new = _refined_params(model)
-            model.set_refinement(params, is_new, note=f"+{steps} ({select}): {ADDED} added")
-        return model.refinement_note
-
-    monkeypatch.setattr(model, "update_refinement", update_refinement)
+    refiner = _FakeRefiner(model, calls, fail)
+    model.refinement_controls.use_refiner(refiner)  # type: ignore[arg-type]
     model.refinement_controls.sync()
+    return refiner
 
 
 def test_controls_are_found_by_the_viewer_and_add_nothing_to_checkpoints(model):
@@ -129,7 +132,7 @@ def test_environment_override_disables_show_refined(model, monkeypatch):
 
 def test_steps_and_selection_recompute_the_refinement(model, monkeypatch):
     calls: List[Tuple[int, str]] = []
-    _make_recomputable(model, monkeypatch, calls)
+    _make_recomputable(model, calls)
     controls = model.refinement_controls
     assert not controls.steps.disabled and not controls.select.disabled
     assert controls.steps.value == 0
@@ -137,7 +140,7 @@ def test_steps_and_selection_recompute_the_refinement(model, monkeypatch):
     _change(controls.steps, 3)
     assert calls == [(3, "hessian")]
     assert model.refinement is not None and controls.num_added.value == ADDED
-    assert controls.note.value == f"+3 (hessian): {ADDED} added"
+    assert controls.note.value.startswith("+3 (hessian") and f"{ADDED} added" in controls.note.value
     assert not controls.enabled.disabled
 
     _change(controls.select, "Whole scene")
@@ -147,13 +150,13 @@ def test_steps_and_selection_recompute_the_refinement(model, monkeypatch):
     assert len(calls) == 2, "an unchanged value must not recompute"
 
     _change(controls.steps, 0)
-    assert calls[-1] == (0, "all")
+    assert len(calls) == 2, "+0 shows the trained scene without the refiner"
     assert model.refinement is None and controls.num_added.value == 0 and controls.enabled.disabled
 
 
 def test_unavailable_refinement_disables_steps_and_puts_the_value_back(model, monkeypatch):
     calls: List[Tuple[int, str]] = []
-    _make_recomputable(model, monkeypatch, calls, fail="the lineage has one stage only")
+    _make_recomputable(model, calls, fail="the lineage has one stage only")
     controls = model.refinement_controls
 
     _change(controls.steps, 2)
@@ -212,13 +215,13 @@ def test_real_viewer_installs_controls_and_rerenders_on_change(model, tmp_path):
 
 def test_any_failure_shows_the_error_and_never_leaves_computing(model, monkeypatch):
     calls: List[Tuple[int, str]] = []
-    _make_recomputable(model, monkeypatch, calls)
+    refiner = _make_recomputable(model, calls)
     controls = model.refinement_controls
 
     def broken(steps: int, select: str) -> str:
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(model, "update_refinement", broken)
+    monkeypatch.setattr(refiner, "refine", broken)
     _change(controls.steps, 2)
     assert "computing" not in controls.note.value
     assert "+2 (hessian) failed: CUDA out of memory (simulated)" in controls.note.value
@@ -227,15 +230,13 @@ def test_any_failure_shows_the_error_and_never_leaves_computing(model, monkeypat
     def interrupted(steps: int, select: str) -> str:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(model, "update_refinement", interrupted)
+    monkeypatch.setattr(refiner, "refine", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _change(controls.steps, 3)
     assert "computing" not in controls.note.value and "interrupted" in controls.note.value
 
 
 def _record_with_scores(model):
-    from gvae_ns.refine import Refinement
-
     params, is_new = _refined_params(model)
     return Refinement(params=params, is_new=is_new, selected=torch.arange(ADDED), removed=torch.zeros(0).long(),
                       scores={"grad2d": torch.rand(NUM), "hessian": torch.rand(NUM)}, num_original=NUM, steps=1,
@@ -244,15 +245,15 @@ def _record_with_scores(model):
 
 @pytest.mark.parametrize("damage", ["stale", "malformed"])
 def test_stale_or_malformed_vae_beside_the_run_is_refused_in_the_status(model, tmp_path, damage):
-    from gvae_ns.refine import run_provenance
     from gvae_ns.tagged_file import Provenance
-    from gvae_ns.vae.model import GaussianVAE, GaussianVAEConfig, save_vae
+    from gvae_ns.vae.file import save_vae
+    from gvae_ns.vae.model import GaussianVAE, GaussianVAEConfig
 
     model.config.run_dir = tmp_path
     model.snapshot_stage(0)
-    model.attach_refinement(_record_with_scores(model))
+    model.show_refinement(_record_with_scores(model))
     foreign = Provenance(step=3, num_gaussians=NUM, gaussians_sha256="0" * 64, config_sha256="1" * 64)
-    own = run_provenance(model)
+    own = model.provenance()
     path = save_vae(GaussianVAE(GaussianVAEConfig()), tmp_path / "vae.pt", foreign if damage == "stale" else own)
     if damage == "malformed":  # the right tag and run, weights that do not fit the config
         payload = torch.load(path, weights_only=True)
@@ -265,11 +266,12 @@ def test_stale_or_malformed_vae_beside_the_run_is_refused_in_the_status(model, t
     note = controls.note.value
     assert "computing" not in note and str(path) in note, note
     assert ("another run state" if damage == "stale" else "malformed GaussianVAE file") in note
-    assert "--retrain-vae" in note and controls.steps.value == 1 and controls.steps.disabled
+    assert "--retrain-decoder" in note and controls.steps.value == 1 and controls.steps.disabled
 
 
 def test_stale_refinement_file_is_refused_when_the_run_loads(model, tmp_path):
-    from gvae_ns.refine import REFINEMENT_FILE, save_refinement
+    from gvae_ns.refine.result import save_refinement
+    from gvae_ns.run_layout import REFINEMENT_FILE
     from gvae_ns.tagged_file import Provenance
 
     model.config.run_dir = tmp_path
@@ -282,8 +284,6 @@ def test_stale_refinement_file_is_refused_when_the_run_loads(model, tmp_path):
     assert "refinement off" in model.refinement_controls.note.value
     assert str(tmp_path / REFINEMENT_FILE) in model.refinement_controls.note.value
 
-    from gvae_ns.refine import run_provenance
-
-    save_refinement(_record_with_scores(model), tmp_path / REFINEMENT_FILE, run_provenance(model))
+    save_refinement(_record_with_scores(model), tmp_path / REFINEMENT_FILE, model.provenance())
     model.load_refinement_file()
     assert model.refinement is not None and model.refinement_file_error is None

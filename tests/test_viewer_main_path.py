@@ -9,11 +9,8 @@ controls' "Added Gaussians" count. The process is then stopped (it would wait fo
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -22,22 +19,9 @@ import msgspec
 import pytest
 from websockets.sync.client import connect
 
-BIN = Path(sys.executable).parent
-FLAGS = [
-    "--machine.device-type", "cpu",
-    "--pipeline.model.background-color", "white",
-    "--pipeline.model.num-random", "600",
-    "--pipeline.model.random-scale", "3.0",
-    "--pipeline.model.stage-downscales", "4", "2", "1",
-    "--pipeline.model.stage-steps", "20", "20", "30",
-    "--max-num-iterations", "70",
-    "--pipeline.model.warmup-length", "10",
-    "--pipeline.model.refine-every", "10",
-    "--pipeline.model.refine-vae-steps", "30",
-    "--pipeline.model.refine-fraction", "0.2",
-    "--steps-per-eval-image", "1000",
-    "--steps-per-eval-all-images", "100000",
-]
+from tiny_runs import BIN, run_env, stop_process, tiny_flags
+
+FLAGS = tiny_flags(vis=None)
 
 
 @pytest.fixture(scope="module")
@@ -78,22 +62,11 @@ def _gui_numbers(port: int, seconds: float = 3.0) -> Dict[str, float]:
     return {labels[i]: v for i, v in values.items() if i in labels}
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
-
-
 @pytest.mark.parametrize("vis", ["viewer", "viewer+tensorboard"])
 def test_default_viewer_run_refines_and_shows_the_refined_count(scene, tmp_path, vis):
     port = _free_port()
     log = tmp_path / "ns-train.log"
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
-    env.pop("GVAE_REFINED", None)
+    env = run_env()
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [str(BIN / "ns-train"), "gaussianvae", "--output-dir", str(tmp_path / "out"), "--experiment-name", "v",
@@ -121,4 +94,4 @@ def test_default_viewer_run_refines_and_shows_the_refined_count(scene, tmp_path,
         # the viewer's completion loop is where the process waits now: it is still alive
         assert proc.poll() is None
     finally:
-        _stop(proc)
+        stop_process(proc, grace_s=15)

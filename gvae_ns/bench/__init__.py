@@ -7,8 +7,8 @@ For a Blender-format dataset whose test views are at the full (target) resolutio
 2. trains every row with ``ns-train`` in subprocesses, with the same step budget for all: splatfacto classic
    and antialiased on each LR copy, gaussianvae through resolution stages on each LR copy (its finest stage
    is the LR copy itself), and the full-resolution oracle;
-3. refines the gaussianvae runs (``gvae_ns.refine.refine_run``): "Ours" extrapolates every lineage, "Ours-nabla2"
-   the Hessian-selected ones, +1..+4 steps past the finest stage, with the lineage VAE and / or the generative
+3. refines the gaussianvae runs (:func:`gvae_ns.refine.cli.refine_run`): "Ours" extrapolates every lineage,
+   "Ours-nabla2" the Hessian-selected ones, +1..+4 stages past the finest stage, with the lineage VAE and / or the generative
    densification head ("(GD head)" rows);
 4. renders every model at full resolution on the same held-out test cameras with its own code (no ns-eval) and
    scores PSNR, SSIM, LPIPS / BRISQUE where available, the Chamfer distance from Gaussian centres to the

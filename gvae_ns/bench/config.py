@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Literal, Optional, Tuple
 
+import yaml
+
+from gvae_ns.console import say
+
 RESULTS_FORMAT = "gvae_ns.bench"
 RESULTS_VERSION = 1
 EXIT_OK, EXIT_FAILED, EXIT_RESUME = 0, 1, 75
@@ -69,8 +73,8 @@ class BenchConfig:
     """gaussianvae stage downscales relative to the LR copy (finest 1 = the LR resolution the baselines see)."""
     ours_stage_fractions: Tuple[float, ...] = (0.25, 0.25, 0.5)
     """Share of --steps each stage gets (one per stage; the last stage takes the rounding remainder)."""
-    refine_steps: Tuple[int, ...] = (2,)
-    """Extrapolation steps past the finest stage to evaluate (each of 1..4 gives a row per selection)."""
+    extrapolate_stages: Tuple[int, ...] = (2,)
+    """Extrapolation stages past the finest trained stage to evaluate (each of 1..4 gives a row per selection)."""
     refine_selects: Tuple[Literal["all", "hessian", "grad"], ...] = ("all", "hessian")
     """Selections to evaluate: 'all' is "Ours", 'hessian' is "Ours-nabla2"."""
     refine_decoders: Tuple[Literal["temporal", "generative"], ...] = ("temporal",)
@@ -80,7 +84,7 @@ class BenchConfig:
     refine_fraction: float = 0.1
     """Fraction of Gaussians the hessian / grad selection keeps."""
     refine_args: str = ""
-    """Extra gvae-refine flags parsed into its RefineConfig, e.g. --refine-args='--vae-steps 300' (a list in
+    """Extra gvae-refine flags parsed into its RefineConfig, e.g. --refine-args='--decoder-steps 300' (a list in
     a suite file)."""
     train_args: str = ""
     """Extra ns-train flags for every run, e.g. --train-args='--pipeline.model.num-random 2000' (a list in a
@@ -147,8 +151,8 @@ class RowSpec:
     """Downscale of the training images (1 = oracle)."""
     run: str
     """RunSpec.name this row evaluates."""
-    refine_steps: Optional[int] = None
-    """Extrapolation steps, or None for the run as trained."""
+    extrapolate_stages: Optional[int] = None
+    """Extrapolation stages, or None for the run as trained."""
     refine_select: Optional[str] = None
     """Selection mode of the refinement."""
     refine_decoder: Optional[str] = None
@@ -218,14 +222,16 @@ def load_suite(path: Path | str) -> BenchConfig:
         if path.suffix == ".json":
             values = json.loads(text)
         else:
-            import yaml
-
             values = yaml.safe_load(text)
     except Exception as err:  # yaml.YAMLError / json.JSONDecodeError: both name the line
         raise BenchError(f"suite file {path} cannot be parsed: {err}") from None
     if not isinstance(values, dict):
         raise BenchError(f"suite file {path} must hold a mapping of BenchConfig fields, got {type(values).__name__}.")
     values.pop("config", None)
+    if "refine_steps" in values:  # the 0.1 name, kept for one release
+        say(f"{path}: refine_steps is deprecated, use extrapolate_stages (the old name goes in the next release).",
+            style="yellow")
+        values.setdefault("extrapolate_stages", values.pop("refine_steps"))
     cfg = _dataclass_from(BenchConfig, values, str(path))
     cfg.config = path
     return cfg
@@ -253,8 +259,8 @@ def check_config(cfg: BenchConfig) -> None:
         )
     if any(f <= 0 for f in cfg.ours_stage_fractions):
         raise BenchError(f"ours_stage_fractions must be positive, got {cfg.ours_stage_fractions}.")
-    if any(k not in (1, 2, 3, 4) for k in cfg.refine_steps):
-        raise BenchError(f"refine_steps must be within 1..4, got {cfg.refine_steps}.")
+    if any(k not in (1, 2, 3, 4) for k in cfg.extrapolate_stages):
+        raise BenchError(f"extrapolate_stages must be within 1..4, got {cfg.extrapolate_stages}.")
     if len(set(cfg.refine_decoders)) != len(cfg.refine_decoders):
         raise BenchError(f"refine_decoders must not repeat a decoder, got {cfg.refine_decoders}.")
     if not 0 < cfg.refine_fraction <= 1:

@@ -16,12 +16,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from PIL import Image
 
 from gvae_ns import metrics
 from gvae_ns.bench.config import BenchError
 from gvae_ns.datasets import atomic_write
 from gvae_ns.offline import stock_checkpoint_loading
-from gvae_ns.refine import load_refinement, run_provenance
+from gvae_ns.refine.result import load_refinement
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -32,6 +33,7 @@ def sync() -> None:
 
 def load_pipeline(config_path: Path | str):
     """Load a trained run for evaluation on its test split (nerfstudio's ``eval_setup``)."""
+    # nerfstudio's method registry imports this plugin's model: import it when a run is loaded, not before
     from nerfstudio.utils.eval_utils import eval_setup
 
     config_path = Path(config_path)
@@ -57,8 +59,8 @@ def attach_refinement(model: torch.nn.Module, refinement: Optional[Path]) -> Dic
         return {}
     # tied to the run it was made from: a refinement of another run of the same size is refused
     refined_set = load_refinement(refinement, num_original=model.gauss_params["means"].shape[0],
-                                  expected=run_provenance(model))
-    model.set_refinement(refined_set.params, refined_set.is_new, note=refined_set.describe())
+                                  expected=model.provenance())
+    model.show_refinement(refined_set)
     if not model.refinement_active:
         raise BenchError(f"{refinement}: attached but not active (show_refined off or GVAE_REFINED=0?).")
     counts = {"num_original": refined_set.num_original, "num_added": refined_set.num_added,
@@ -89,8 +91,6 @@ def _to_uint8(image: torch.Tensor) -> np.ndarray:
 
 def save_png(path: Path, image: torch.Tensor | np.ndarray) -> None:
     """Write an ``[H, W, 3]`` float image in [0, 1] (or uint8) as PNG, atomically."""
-    from PIL import Image
-
     pixels = image if isinstance(image, np.ndarray) and image.dtype == np.uint8 else _to_uint8(torch.as_tensor(image))
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))

@@ -46,7 +46,7 @@ def _baseline_spec(cfg: BenchConfig, mode: str, factor: int, data: Path, name: s
     args += (
         "--pipeline.model.stage-downscales", "1",
         "--pipeline.model.stage-steps", str(cfg.steps),
-        "--pipeline.model.refine-after-training", "False",
+        "--pipeline.model.refinement-after-training", "False",
     )
     return RunSpec(name, "gaussianvae", factor, data, args + tuple(shlex.split(cfg.baseline_args)))
 
@@ -72,7 +72,7 @@ def plan(cfg: BenchConfig, data: Path, lowres: Dict[int, Path]) -> Tuple[List[Ru
             args = (
                 "--pipeline.model.stage-downscales", *map(str, cfg.ours_downscales),
                 "--pipeline.model.stage-steps", *map(str, stage_steps(cfg.steps, cfg.ours_stage_fractions)),
-                "--pipeline.model.refine-after-training", "False",
+                "--pipeline.model.refinement-after-training", "False",
                 *shlex.split(cfg.ours_args),
             )
             runs.append(RunSpec(name, "gaussianvae", factor, lowres[factor], args))
@@ -80,11 +80,11 @@ def plan(cfg: BenchConfig, data: Path, lowres: Dict[int, Path]) -> Tuple[List[Ru
             rows.append(RowSpec(name, f"gaussianvae stages 1/{stages}, no refinement", "ours", factor, name))
             for decoder in cfg.refine_decoders:
                 suffix, tag = _DECODER_TAG[decoder]
-                for k in cfg.refine_steps:
+                for k in cfg.extrapolate_stages:
                     for select in cfg.refine_selects:
                         label = f"{_SELECT_LABEL[select]}{tag} +{k}"
                         rows.append(RowSpec(f"ours-{select}-p{k}{suffix}-x{factor}", label, "ours", factor, name,
-                                            refine_steps=k, refine_select=select, refine_decoder=decoder))
+                                            extrapolate_stages=k, refine_select=select, refine_decoder=decoder))
     if cfg.oracle:
         name = "oracle"
         runs.append(_baseline_spec(cfg, "classic", 1, data, name))

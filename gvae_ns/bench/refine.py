@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import tyro
+
 from gvae_ns.bench.config import (
     BenchConfig,
     BenchError,
@@ -16,6 +18,8 @@ from gvae_ns.bench.config import (
 )
 from gvae_ns.bench.evaluate import sync
 from gvae_ns.datasets import write_json
+from gvae_ns.refine.cli import RefineConfig, refine_run
+from gvae_ns.run_layout import RunLayout
 
 
 # ---------------------------------------------------------------------------------------------- refinement
@@ -25,7 +29,7 @@ def refinement_path(output: Path, row: RowSpec) -> Path:
 
 
 def _refine_fingerprint(cfg: BenchConfig, row: RowSpec, run_record: dict) -> str:
-    spec = {"run": [run_record.get("fingerprint"), run_record.get("finished_at")], "steps": row.refine_steps,
+    spec = {"run": [run_record.get("fingerprint"), run_record.get("finished_at")], "steps": row.extrapolate_stages,
             "select": row.refine_select, "fraction": cfg.refine_fraction, "args": shlex.split(cfg.refine_args)}
     if row.refine_decoder not in (None, "temporal"):  # temporal refinements made before the field stay valid
         spec["decoder"] = row.refine_decoder
@@ -41,16 +45,12 @@ def refined(cfg: BenchConfig, row: RowSpec, run_record: dict) -> Optional[dict]:
     return None
 
 
-def refine_config(cfg: BenchConfig, row: RowSpec, config_path: Path):
-    """The ``gvae_ns.refine.RefineConfig`` that refines ``row`` of the run at ``config_path`` (its config.yml)."""
-    from gvae_ns.refine import RefineConfig
-
+def refine_config(cfg: BenchConfig, row: RowSpec, config_path: Path) -> RefineConfig:
+    """The :class:`~gvae_ns.refine.cli.RefineConfig` that refines ``row`` of the run at ``config_path`` (its config.yml)."""
     decoder = row.refine_decoder or "temporal"
-    refine_cfg = RefineConfig(load_config=config_path, steps=row.refine_steps, select=row.refine_select,
+    refine_cfg = RefineConfig(load_config=config_path, stages=row.extrapolate_stages, select=row.refine_select,
                               fraction=cfg.refine_fraction, output=refinement_path(cfg.output, row), decoder=decoder)
     if cfg.refine_args:
-        import tyro
-
         try:
             refine_cfg = tyro.cli(RefineConfig, default=refine_cfg, args=shlex.split(cfg.refine_args))
         except SystemExit:
@@ -63,16 +63,11 @@ def refine_config(cfg: BenchConfig, row: RowSpec, config_path: Path):
 
 def refine_row(cfg: BenchConfig, row: RowSpec, run_record: dict) -> dict:
     """Refine the run of ``row`` (in this process, timed) and return the refinement record."""
-    try:
-        from gvae_ns.refine import VAE_FILE, refine_run
-        from gvae_ns.densify.train import DENSIFY_HEAD_FILE
-    except ImportError as err:
-        raise BenchError(f"gvae_ns.refine has no refine_run / RefineConfig yet ({err}); refinement rows need it.")
     out = refinement_path(cfg.output, row)
     out.parent.mkdir(parents=True, exist_ok=True)
     config_path = Path(run_record["config"])
     refine_cfg = refine_config(cfg, row, config_path)
-    vae_file = config_path.parent / (DENSIFY_HEAD_FILE if refine_cfg.decoder == "generative" else VAE_FILE)
+    vae_file = RunLayout.of_config(config_path).decoder(refine_cfg.decoder)
     vae_marker = config_path.parent / f".bench-{vae_file.stem}.json"
     vae_spec = {"refine_args": shlex.split(cfg.refine_args)}
     if vae_file.is_file() and read_json(vae_marker) != vae_spec:

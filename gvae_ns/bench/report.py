@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import os
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 from gvae_ns.bench.config import BenchConfig
 from gvae_ns.bench.plan import use_stock_splatfacto
@@ -145,8 +147,6 @@ def crop_figure(
     The crop is the most detailed ``crop_px`` square of ``reference`` (default a quarter of its shorter side,
     at least 16 px), enlarged by the integer factor that brings it closest to ``tile_px`` without exceeding it
     (at least 1). A missing image is a grey tile. The figure is :func:`figure_size` pixels; written atomically."""
-    from PIL import Image, ImageDraw
-
     ref = np.asarray(Image.open(reference).convert("RGB"))
     h, w = ref.shape[:2]
     crop = min(h, w, crop_px if crop_px else max(16, min(h, w) // 4))
@@ -188,7 +188,7 @@ def figure_grid(output: Path, rows: Sequence[dict]) -> List[List[Tuple[str, Opti
         base = next((r for r in bases if r["name"] in ok), bases[0] if bases else None)
         ours = [r for r in same if r["kind"] == "ours"]
         scored = [r for r in ours if r["name"] in ok]
-        best = max(scored, key=lambda r: (r.get("refine_steps") is not None, r["metrics"]["psnr"] or -1.0),
+        best = max(scored, key=lambda r: (r.get("extrapolate_stages") is not None, r["metrics"]["psnr"] or -1.0),
                    default=ours[0] if ours else None)
         line = []
         for role, row in (("LR", base), ("ours", best), ("oracle", oracle)):
@@ -209,8 +209,6 @@ def figure_grid(output: Path, rows: Sequence[dict]) -> List[List[Tuple[str, Opti
 
 def environment(cfg: BenchConfig) -> Dict[str, Any]:
     """Device and software versions, and what the baselines are."""
-    from importlib.metadata import PackageNotFoundError, version
-
     def installed(name: str) -> str:
         try:
             return version(name)

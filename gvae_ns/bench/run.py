@@ -34,6 +34,7 @@ from gvae_ns.bench.plan import plan, prepare_data
 from gvae_ns.bench.refine import refine_row, refined, refinement_path
 from gvae_ns.bench.report import environment, render_path, slug_path, write_reports
 from gvae_ns.bench.train import Budget, train_all
+from gvae_ns.console import say
 from gvae_ns.datasets import write_json
 
 
@@ -42,7 +43,7 @@ def _row_fingerprint(cfg: BenchConfig, row: RowSpec, run_record: dict, refine_re
     """What a row's result depends on: the run (and when it finished), the refinement (and when it was made)
     and the evaluation settings; a run or refinement made again invalidates the row."""
     return fingerprint({"run": [run_record.get("fingerprint"), run_record.get("finished_at")],
-                         "refine": [row.refine_steps, row.refine_select],
+                         "refine": [row.extrapolate_stages, row.refine_select],
                          "refine_fp": [refine_record.get("fingerprint"), refine_record.get("made_at")]
                          if refine_record else None,
                          "eval": [cfg.max_test_views, cfg.chamfer_opacity, cfg.figure_view, cfg.lpips, cfg.brisque]})
@@ -50,13 +51,13 @@ def _row_fingerprint(cfg: BenchConfig, row: RowSpec, run_record: dict, refine_re
 
 def _row_entry(row: RowSpec, status: str, **extra: Any) -> Dict[str, Any]:
     entry = {"name": row.name, "label": row.label, "kind": row.kind, "factor": row.factor, "run": row.run,
-             "refine_steps": row.refine_steps, "refine_select": row.refine_select,
+             "extrapolate_stages": row.extrapolate_stages, "refine_select": row.refine_select,
              "refine_decoder": row.refine_decoder, "status": status, "metrics": {}}
     entry.update(extra)
     return entry
 
 
-def run_bench(cfg: BenchConfig, log=print) -> Dict[str, Any]:
+def run_bench(cfg: BenchConfig, log=say) -> Dict[str, Any]:
     """Run (or resume) the whole benchmark and write its reports; returns the results dict."""
     check_config(cfg)
     out = cfg.output.resolve()
@@ -72,7 +73,7 @@ def run_bench(cfg: BenchConfig, log=print) -> Dict[str, Any]:
     refine_errors: Dict[str, str] = {}
     for row in rows:
         run_record = train_records.get(row.run)
-        if row.refine_steps is None or not run_record or run_record.get("status") != "ok":
+        if row.extrapolate_stages is None or not run_record or run_record.get("status") != "ok":
             continue
         done = refined(cfg, row, run_record)
         if done is not None:
@@ -80,7 +81,7 @@ def run_bench(cfg: BenchConfig, log=print) -> Dict[str, Any]:
             continue
         if not budget.allows(cfg.refine_estimate_s):
             continue
-        log(f"[refine] {row.name}: +{row.refine_steps} ({row.refine_select})")
+        log(f"[refine] {row.name}: +{row.extrapolate_stages} ({row.refine_select})")
         try:
             refine_records[row.name] = refine_row(cfg, row, run_record)
             log(f"[refine] {row.name}: {refine_records[row.name]['refine_s']:.1f} s")
@@ -102,7 +103,7 @@ def run_bench(cfg: BenchConfig, log=print) -> Dict[str, Any]:
         if row.name in refine_errors:
             entries[row.name] = _row_entry(row, "failed", error=refine_errors[row.name])
             continue
-        if row.refine_steps is not None and row.name not in refine_records:
+        if row.extrapolate_stages is not None and row.name not in refine_records:
             entries[row.name] = _row_entry(row, "pending", error="not refined yet (time budget)")
             continue
         saved = read_json(slug_path(out, row.name))
@@ -130,7 +131,7 @@ def run_bench(cfg: BenchConfig, log=print) -> Dict[str, Any]:
             refine_record = refine_records.get(row.name)
             try:
                 counts = attach_refinement(pipeline.model,
-                                           refinement_path(out, row) if row.refine_steps is not None else None)
+                                           refinement_path(out, row) if row.extrapolate_stages is not None else None)
                 metrics = evaluate_pipeline(
                     pipeline, points_gt=points, max_views=cfg.max_test_views, chamfer_opacity=cfg.chamfer_opacity,
                     save_view=cfg.figure_view, save_to=render_path(out, row.name),
@@ -197,12 +198,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"gvae-bench: {err}", file=sys.stderr)
         return 2
     out = cfg.output.resolve()
-    print()
-    print((out / "results.md").read_text(encoding="utf-8"))
-    print(f"Wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'crops.png'}.")
+    say("")
+    say((out / "results.md").read_text(encoding="utf-8"))
+    say(f"Wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'crops.png'}.")
     statuses = [r["status"] for r in results["rows"]]
     if "pending" in statuses:
-        print("Not finished within --time-budget-s: run the same command again to resume.")
+        say("Not finished within --time-budget-s: run the same command again to resume.")
         return EXIT_RESUME
     return EXIT_FAILED if "failed" in statuses else EXIT_OK
 

@@ -22,8 +22,7 @@ stage ``s``); its targets are its descendants at ``s + 1``. One application of t
   consecutive parents of one stage along a Hilbert curve (chunk borders shift at random every epoch,
   the chunk order is shuffled), never random rows.
 
-Inference (:func:`densify`) applies the head ``k`` times, feeding each stage's Gaussians back in,
-under a cap on the number of generated Gaussians.
+Inference is :func:`gvae_ns.densify.apply.densify`.
 """
 
 from __future__ import annotations
@@ -34,21 +33,20 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from gvae_ns.gaussians import MEANS, STATE_DIM
-from gvae_ns.lineage.dataset import build_transitions, check_transitions
+from gvae_ns.lineage.dataset import check_transitions
 from gvae_ns.tagged_file import FileFormat, Provenance, load_tagged, save_tagged
 from gvae_ns.densify.head import DensifyHead, DensifyHeadConfig
 from gvae_ns.vae.features import REL_LOG_SCALE, REL_OFFSET, REL_OPACITY, REL_RGB, newest_index, relative_features
 from gvae_ns.vae.losses import chamfer_distance, masked_mse
 from gvae_ns.densify.serialization import CURVES, offsets_to_batch, serialize
 
-DENSIFY_HEAD_FILE = "densify_head.pt"
 """File name of the trained head beside a run (``<run>/densify_head.pt``)."""
 FORMAT_NAME = "gvae_ns.densify_head"
 FORMAT_VERSION = 2
@@ -97,7 +95,7 @@ class DensifyTrainConfig:
     curve: str = "hilbert"
     """Space-filling curve that orders the parents into mini-batches (one of serialization.CURVES)."""
     max_children: int = 4
-    """Child slots per parent when the transitions are built from a lineage (:func:`densify_head_for_run`)."""
+    """Child slots per parent when the transitions are built from a lineage (:func:`gvae_ns.refine.decoder.decoder_for_run`)."""
     log_every: int = 10
     """Record the losses every this many steps (and at the last step)."""
     seed: int = 0
@@ -299,93 +297,3 @@ def load_densify_head(path: Union[str, os.PathLike], map_location: Union[str, to
     except (RuntimeError, ValueError, TypeError) as exc:
         loaded.fail(f"densification head weights do not match its config ({str(exc).splitlines()[0][:300]})")
     return head.to(map_location).eval()
-
-
-def densify_head_for_run(
-    run_dir: Union[str, os.PathLike],
-    lineage: Any,
-    config: Optional[DensifyTrainConfig] = None,
-    retrain: bool = False,
-    device: Union[str, torch.device] = "cpu",
-    seed: Optional[int] = None,
-    log: Callable[[str], None] = print,
-    provenance: Optional[Provenance] = None,
-    rebuild: Optional[str] = None,
-) -> DensifyHead:
-    """The head in ``<run_dir>/densify_head.pt``, or one trained on ``lineage``'s stage transitions (and
-    saved there) when the file is missing or ``retrain`` is set.
-
-    ``provenance``: the run state the lineage belongs to; an existing file made from another one is refused
-    (:class:`~gvae_ns.tagged_file.TaggedFileError`, with ``rebuild`` as the fix), a new file records it."""
-    path = Path(run_dir) / DENSIFY_HEAD_FILE
-    if path.exists() and not retrain:
-        log(f"gvae-refine: using the densification head in {path}")
-        return load_densify_head(path, map_location=device, expected=provenance, rebuild=rebuild)
-    config = config or DensifyTrainConfig()
-    transitions = build_transitions(lineage, max_children=config.max_children)
-    head, history = train_densify_head(transitions, config, device=device, seed=seed)
-    save_densify_head(head, path, provenance)
-    log(f"gvae-refine: trained the densification head on {history['parents']} transitions "
-        f"({history['split_parents']} split) in {history['seconds']:.1f} s -> {path}")
-    return head
-
-
-# ------------------------------------------------------------------------------------------------ apply
-@torch.no_grad()
-def densify(
-    head: DensifyHead, states: Tensor, steps: int = 1, max_new: Optional[int] = None
-) -> Tuple[Tensor, Tensor]:
-    """Apply ``head`` ``steps`` times to ``states [N, 59]``, each application one more stage.
-
-    Every application runs on all current Gaussians (the inputs and what earlier steps generated). A
-    Gaussian is densified when any of its layer-0 children is kept (always, for a one-layer head); it is
-    then replaced by its leaves, otherwise it stays as it is. ``max_new`` caps the generated Gaussians
-    alive at any time (default ``N``); when densifying every candidate would exceed it, the candidates with
-    the highest split probability (then the lower row) win, as whole families.
-
-    Returns ``(generated [M, 59], source [M])``: the generated Gaussians alive after the last step, grouped
-    by ``source``, the input row each descends from. Input rows absent from ``source`` were not densified.
-    Deterministic for given inputs on a given device."""
-    if steps < 1:
-        raise ValueError(f"densify: steps must be >= 1, got {steps}")
-    if states.dim() != 2 or states.shape[1] != STATE_DIM:
-        raise ValueError(f"densify: states must be [N, {STATE_DIM}], got {tuple(states.shape)}")
-    n = states.shape[0]
-    budget = n if max_new is None else int(max_new)
-    if budget < 0:
-        raise ValueError(f"densify: max_new must be >= 0, got {max_new}")
-    device = next(head.parameters()).device
-    current = states.to(device=device, dtype=torch.float32)
-    source = torch.arange(n, device=device)
-    generated = torch.zeros(n, dtype=torch.bool, device=device)
-    was_training = head.training
-    head.eval()
-    try:
-        for _ in range(steps):
-            m = current.shape[0]
-            if m == 0:
-                break
-            out = head(current)
-            leaves = torch.bincount(out.source, minlength=m)
-            if out.keep_mask:
-                wanted = out.keep_mask[0].view(m, -1).any(dim=1)
-                priority = out.keep_prob[0].view(m, -1).amax(dim=1)
-            else:
-                wanted = torch.ones(m, dtype=torch.bool, device=device)
-                priority = torch.ones(m, device=device)
-            room = budget - int(generated.sum())
-            candidates = wanted.nonzero().flatten()
-            candidates = candidates[torch.sort(priority[candidates], descending=True, stable=True).indices]
-            cost = (leaves - generated.long())[candidates]
-            chosen = torch.zeros(m, dtype=torch.bool, device=device)
-            chosen[candidates[cost.cumsum(0) <= room]] = True
-            if not bool(chosen.any()):
-                break
-            new = chosen[out.source]
-            current = torch.cat([current[~chosen], out.states[new]])
-            source = torch.cat([source[~chosen], source[out.source[new]]])
-            generated = torch.cat([generated[~chosen], torch.ones(int(new.sum()), dtype=torch.bool, device=device)])
-        order = torch.argsort(source[generated], stable=True)
-        return current[generated][order], source[generated][order]
-    finally:
-        head.train(was_training)

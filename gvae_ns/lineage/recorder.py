@@ -355,6 +355,17 @@ class LineageRecorder:
             stage_boundaries=torch.tensor(self.stage_boundaries, dtype=torch.int64),
         )
 
+    def lineage_with_snapshot(self, params: Mapping[str, Tensor], state: Dict[str, Any], stage: int,
+                              step: int) -> Lineage:
+        """:meth:`to_lineage` with one more snapshot of ``params`` (as :meth:`snapshot` would take it, replacing
+        a last one of the same ``stage``); the recorder's own snapshots are left as they are."""
+        kept = list(self._snapshots)
+        try:
+            self.snapshot(params, state, stage, step)
+            return self.to_lineage()
+        finally:
+            self._snapshots = kept
+
     def save(self, path: Union[str, Path], *, float16: bool = False) -> Path:
         """Write the lineage file (see :mod:`gvae_ns.lineage.format`); returns its path."""
         return save_lineage(self.to_lineage(), path, float16=float16)

@@ -17,6 +17,7 @@ import torch
 import tyro
 
 from gvae_ns.atomic import atomic_write
+from gvae_ns.console import say
 from gvae_ns.gaussians import OPACITY, SCALES
 from gvae_ns.lineage.dataset import build_transitions, depths, transition_pairs
 from gvae_ns.lineage.format import ALIVE, CLONE, PRUNED, SEED, SPLIT, SPLIT_REPLACED, Lineage, LineageFormatError, load_lineage
@@ -50,7 +51,7 @@ def find_lineage_file(path: Path) -> Path:
             "`ns-train gaussianvae` (it saves lineage.npz at each stage boundary) or the lineage file itself"
         )
     if len(found) > 1:
-        print(f"{len(found)} lineage files under {path}; using the newest, {found[-1]}")
+        say(f"{len(found)} lineage files under {path}; using the newest, {found[-1]}")
     return found[-1]
 
 
@@ -193,8 +194,8 @@ def run_report(config: ReportConfig) -> Dict[str, Any]:
     summary["figure"] = str(out / PNG_NAME)
     atomic_write(out / JSON_NAME, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     plot(lineage, summary, out / PNG_NAME)
-    print(format_table(summary))
-    print(f"wrote {out / JSON_NAME} and {out / PNG_NAME}")
+    say(format_table(summary))
+    say(f"wrote {out / JSON_NAME} and {out / PNG_NAME}")
     return summary
 
 

@@ -20,92 +20,17 @@ thing they share is the input lineage. Normalisation statistics are buffers, so 
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, Optional, Protocol, Union
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Protocol, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gvae_ns.tagged_file import FileFormat
 from gvae_ns.vae import features as feats
+from gvae_ns.vae.config import GaussianVAEConfig, StreamConfig, validate_config
 from gvae_ns.vae.flow import FlowPrior
-
-if TYPE_CHECKING:
-    from gvae_ns.tagged_file import Provenance
-
-FORMAT_NAME = "gvae_ns.vae"
-FORMAT_VERSION = 2
-"""Version 2 added the provenance (the run state the VAE was trained on)."""
-VAE_FORMAT = FileFormat(tag=FORMAT_NAME, version=FORMAT_VERSION, what="GaussianVAE",
-                        keys={"config": dict, "state_dict": dict},
-                        rebuild="train it again (gvae-refine --load-config <run>/config.yml --retrain-vae)")
-
-
-@dataclass
-class StreamConfig:
-    """Sizes of one stream (geometry or appearance)."""
-
-    width: int = 64
-    """Transformer width (token embedding size)."""
-    encoder_layers: int = 2
-    """Transformer blocks over the history tokens."""
-    decoder_layers: int = 2
-    """Depth of the child decoder (hidden layers for ``mlp``, attention blocks for ``slots``)."""
-    heads: int = 4
-    """Attention heads; must divide ``width``."""
-    ff_mult: int = 2
-    """Feed-forward hidden size as a multiple of ``width``."""
-    latent_dim: int = 8
-    """Size of the latent ``z`` (>= 2, the flow couples halves)."""
-    flow_layers: int = 4
-    """Affine-coupling layers of the flow prior."""
-    flow_hidden: int = 64
-    """Hidden size of each coupling's conditioner."""
-    child_embed: int = 16
-    """Per-slot embedding size of the target children inside the posterior."""
-
-
-def _geometry_default() -> StreamConfig:
-    return StreamConfig(width=64, encoder_layers=2, decoder_layers=2, heads=4, latent_dim=8, flow_hidden=48)
-
-
-def _appearance_default() -> StreamConfig:
-    return StreamConfig(width=80, encoder_layers=2, decoder_layers=2, heads=4, latent_dim=16, flow_hidden=64)
-
-
-@dataclass
-class GaussianVAEConfig:
-    """Architecture of :class:`GaussianVAE`; stored in every saved model."""
-
-    geometry: StreamConfig = field(default_factory=_geometry_default)
-    """Geometry stream (position 3, rotation 4, log-scale 3, exist 1)."""
-    appearance: StreamConfig = field(default_factory=_appearance_default)
-    """Appearance stream (SH rest 45, colour 3, opacity 1, exist 1)."""
-    max_children: int = 4
-    """Child slots ``C`` predicted per parent; slot 0 is the parent's own continuation (match the
-    lineage dataset's ``build_transitions(max_children=...)``)."""
-    max_history: int = 8
-    """Most stages a lineage token sequence holds (newest kept); training narrows the window used to
-    the longest history it saw, so inference never meets an untrained stage position."""
-    decoder: str = "mlp"
-    """Child decoder by registered name: ``mlp`` (all slots jointly from one MLP; cheap at 1e5-1e6
-    lineages) or ``slots`` (learned slot tokens with self-attention, mirroring the encoder; ~5x the
-    inference cost); see :func:`register_decoder` for others."""
-    dropout: float = 0.0
-    """Dropout inside the transformer blocks."""
-    input_clip: float = 10.0
-    """Normalised token features are clipped to ``[-input_clip, input_clip]`` (outlier safety)."""
-    max_offset: float = 8.0
-    """Predicted child offsets are clamped to this many parent units (largest parent axis) per axis."""
-    min_log_scale_change: float = -4.0
-    """Lower bound on a child's log-scale minus its parent's."""
-    max_log_scale_change: float = 1.0
-    """Upper bound on a child's log-scale minus its parent's."""
 
 
 class Block(nn.Module):
@@ -440,7 +365,7 @@ class GaussianVAE(nn.Module):
     def __init__(self, config: Optional[GaussianVAEConfig] = None) -> None:
         super().__init__()
         config = config or GaussianVAEConfig()
-        _validate_config(config)
+        validate_config(config, tuple(_DECODERS))
         self.config = config
         self.geometry = StreamVAE(
             feats.GEOMETRY_DIM + feats.CONTEXT_DIM, feats.GEOMETRY_DIM, config.geometry, config
@@ -544,87 +469,3 @@ class GaussianVAE(nn.Module):
         tokens = self.history_tokens(history, history_mask)
         noise = self.sample_noise(tokens.mask.shape[0], generator, temperature)
         return self.children_from_output(self.forward(tokens, noise=noise), tokens.parent)
-
-
-def _validate_config(config: GaussianVAEConfig) -> None:
-    for name in ("geometry", "appearance"):
-        s: StreamConfig = getattr(config, name)
-        if s.width % s.heads != 0:
-            raise ValueError(f"GaussianVAEConfig.{name}: width {s.width} is not divisible by heads {s.heads}")
-        if s.latent_dim < 2:
-            raise ValueError(f"GaussianVAEConfig.{name}.latent_dim: must be >= 2, got {s.latent_dim}")
-    if config.max_children < 1:
-        raise ValueError(f"GaussianVAEConfig.max_children: must be >= 1, got {config.max_children}")
-    if config.max_history < 1:
-        raise ValueError(f"GaussianVAEConfig.max_history: must be >= 1, got {config.max_history}")
-    if config.decoder not in _DECODERS:
-        raise ValueError(
-            f"GaussianVAEConfig.decoder: unknown decoder {config.decoder!r}; registered: {available_decoders()}"
-        )
-    if config.min_log_scale_change >= config.max_log_scale_change:
-        raise ValueError("GaussianVAEConfig: min_log_scale_change must be below max_log_scale_change")
-
-
-def config_to_dict(config: GaussianVAEConfig) -> dict:
-    """Plain-python (weights_only-safe) form of a config."""
-    return dataclasses.asdict(config)
-
-
-def config_from_dict(data: dict, source: str = "config") -> GaussianVAEConfig:
-    """Inverse of :func:`config_to_dict`; unknown or mistyped fields raise ``ValueError`` naming ``source``."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{source}: config must be a dict, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(GaussianVAEConfig)}
-    unknown = set(data) - known
-    if unknown:
-        raise ValueError(f"{source}: unknown GaussianVAEConfig fields {sorted(unknown)}")
-    kwargs = dict(data)
-    stream_fields = {f.name for f in dataclasses.fields(StreamConfig)}
-    for name in ("geometry", "appearance"):
-        if name in kwargs:
-            sub = kwargs[name]
-            if not isinstance(sub, dict) or set(sub) - stream_fields:
-                raise ValueError(f"{source}: GaussianVAEConfig.{name} is not a valid StreamConfig: {sub!r}")
-            kwargs[name] = StreamConfig(**sub)
-    return GaussianVAEConfig(**kwargs)
-
-
-def save_vae(vae: GaussianVAE, path: Union[str, os.PathLike], provenance: Optional["Provenance"] = None) -> Path:
-    """Write ``vae`` (config + weights + normalisation buffers) to ``path`` atomically; returns the path.
-
-    ``provenance``: the run state the VAE was trained on (:class:`gvae_ns.tagged_file.Provenance`); a run's
-    ``vae.pt`` always has one, so a later load can refuse it for another run. The file holds only tensors
-    and plain python types, so :func:`load_vae` reads it with ``torch.load(weights_only=True)``."""
-    from gvae_ns.tagged_file import save_tagged
-
-    payload = {
-        "config": config_to_dict(vae.config),
-        "state_dict": {k: v.detach().cpu() for k, v in vae.state_dict().items()},
-    }
-    return save_tagged(path, VAE_FORMAT, payload, provenance)
-
-
-def load_vae(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu",
-             expected: Optional["Provenance"] = None, rebuild: Optional[str] = None) -> GaussianVAE:
-    """Read a model written by :func:`save_vae` (eval mode).
-
-    ``expected``: the run state the file must have been trained on (``None``: not checked); ``rebuild``: the
-    fix error messages give. A missing file raises ``FileNotFoundError``; an unreadable, foreign, old,
-    malformed (missing keys, weights that do not fit the config, NaN) or stale file raises
-    :class:`gvae_ns.tagged_file.TaggedFileError` (a ``ValueError``) naming it."""
-    from gvae_ns.tagged_file import load_tagged
-
-    loaded = load_tagged(path, VAE_FORMAT, expected=expected, rebuild=rebuild)
-    state = loaded.payload["state_dict"]
-    for key in state:
-        loaded.tensor(key, source=state, finite=True, label=f"state_dict.{key}")
-    try:
-        config = config_from_dict(loaded.payload["config"], source="config")
-    except (ValueError, TypeError) as exc:
-        loaded.fail(str(exc))
-    try:
-        vae = GaussianVAE(config)
-        vae.load_state_dict(state, strict=True)
-    except (RuntimeError, ValueError, TypeError) as exc:
-        loaded.fail(f"GaussianVAE weights do not match its config ({str(exc).splitlines()[0][:300]})")
-    return vae.to(map_location).eval()

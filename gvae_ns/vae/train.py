@@ -24,9 +24,9 @@ from torch import Tensor
 from gvae_ns.lineage.dataset import check_transitions
 from gvae_ns.vae.features import newest_index
 from gvae_ns.vae.losses import LossWeights, cyclic_beta, vae_loss
-from gvae_ns.vae.model import GaussianVAE, GaussianVAEConfig, load_vae, save_vae
+from gvae_ns.vae.model import GaussianVAE, GaussianVAEConfig
 
-__all__ = ["VAETrainConfig", "train_vae", "save_vae", "load_vae"]
+__all__ = ["VAETrainConfig", "train_vae"]
 
 _LOGGED = ("step", "phase", "beta", "total", "recon", "recon_prior", "kl", "prior", "mse", "chamfer", "shape",
            "exist")

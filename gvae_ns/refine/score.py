@@ -1,6 +1,7 @@
-"""Which Gaussians to refine: importance scores and deterministic top-K selection.
+"""Which Gaussians to refine: per-Gaussian signals from the training views, their scores, top-K selection.
 
-Two per-Gaussian signals, both accumulated during training:
+Two per-Gaussian signals (:func:`score_gaussians` measures both on the training views at the finest
+stage's resolution):
 
 - ``grad2d``: the mean view-space positional gradient norm (what gsplat's ``DefaultStrategy``
   accumulates to decide densification: ``grad2d / count``), high where the image error pulls a
@@ -23,11 +24,17 @@ Two per-Gaussian signals, both accumulated during training:
 from __future__ import annotations
 
 import operator
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
+from nerfstudio.models.splatfacto import resize_image
+
+from gvae_ns.gaussians import PARAM_KEYS
+from gvae_ns.render import rasterize, world_to_camera
 
 SCORE_MODES = ("hessian", "grad", "all")
+"""The selection modes, as ``--select`` takes them."""
 
 
 def _check_signal(name: str, value: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -104,3 +111,81 @@ def select_top(score: torch.Tensor, k: Optional[int] = None, fraction: Optional[
     k = operator.index(k)
     order = torch.sort(score, descending=True, stable=True).indices
     return order[:k]
+
+
+# ------------------------------------------------------------------------------------------------ signals
+@dataclass
+class ScoringViews:
+    """The training views the signals are measured on, and how the trained scene is rendered."""
+
+    cameras: object
+    """nerfstudio ``Cameras`` of the training views (full resolution; rescaled by ``downscale``)."""
+    images: Sequence[torch.Tensor]
+    """The training images, ``[H, W, 3 or 4]``, uint8 or float in [0, 1], in camera order."""
+    downscale: int
+    """The finest stage's image downscale factor: the signals are measured at the trained resolution."""
+    background: torch.Tensor
+    """``[3]`` background colour the renders and RGBA images are composited on."""
+    sh_degree: Optional[int]
+    """SH degree of the colours (``None``: colours are RGB logits, as splatfacto's ``sh_degree=0``)."""
+    rasterize_mode: str
+    """``classic`` or ``antialiased``, as the scene was trained."""
+
+
+def _on_background(image: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    if image.shape[-1] == 4:
+        alpha = image[..., 3:]
+        return image[..., :3] * alpha + background * (1.0 - alpha)
+    return image[..., :3]
+
+
+def score_gaussians(params: Dict[str, torch.Tensor], views: ScoringViews, count: int = 0,
+                    progress: Optional[Callable[[int, Dict[str, float]], None]] = None) -> Dict[str, torch.Tensor]:
+    """Per-Gaussian selection signals of ``params`` (splatfacto-shaped, raw) on ``count`` evenly spaced
+    training views (0: all); ``progress(done, losses)`` is called after every view.
+
+    ``grad2d``: mean norm of the view-space (pixel) position gradient over views where the Gaussian is
+    visible, as the densification strategy measures it. ``hessian``: diagonal Gauss-Newton estimate of the
+    photometric loss w.r.t. the 3D position, ``sum_v (dL_v/dmean)^2``.
+    """
+    params = {k: params[k].detach() for k in PARAM_KEYS}
+    n = params["means"].shape[0]
+    device = params["means"].device
+    grad_sum = torch.zeros(n, device=device)
+    vis_count = torch.zeros(n, device=device)
+    hessian = torch.zeros(n, device=device)
+    total = len(views.images)
+    indices = range(total) if count <= 0 else torch.linspace(0, total - 1, count).long().tolist()
+    background = views.background.to(device)
+    d = int(views.downscale)
+    for done, i in enumerate(indices, start=1):
+        camera = views.cameras[i : i + 1].to(device)
+        camera.rescale_output_resolution(1 / d)
+        W, H = int(camera.width.item()), int(camera.height.item())
+        means = params["means"].clone().requires_grad_(True)
+        colors = torch.cat([params["features_dc"][:, None], params["features_rest"]], dim=1)
+        if views.sh_degree is None:
+            colors = torch.sigmoid(colors).squeeze(1)
+        render, alpha, info = rasterize(
+            means=means, quats=params["quats"], scales=torch.exp(params["scales"]),
+            opacities=torch.sigmoid(params["opacities"]).squeeze(-1), colors=colors,
+            viewmats=world_to_camera(camera.camera_to_worlds).to(device), Ks=camera.get_intrinsics_matrices().to(device),
+            width=W, height=H, packed=False, sh_degree=views.sh_degree, rasterize_mode=views.rasterize_mode,
+        )
+        info["means2d"].retain_grad()
+        rgb = torch.clamp(render[0, ..., :3] + (1 - alpha[0]) * background, 0.0, 1.0)
+        image = views.images[i].to(device)
+        image = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
+        gt = _on_background(resize_image(image, d) if d > 1 else image, background)
+        loss = torch.abs(gt - rgb).mean()
+        loss.backward()
+        g2d = info["means2d"].grad[0] * torch.tensor([W / 2.0, H / 2.0], device=device)
+        visible = info["radii"][0] > 0
+        if visible.dim() > 1:
+            visible = visible.all(dim=-1)
+        grad_sum += torch.where(visible, g2d.norm(dim=-1), torch.zeros_like(grad_sum))
+        vis_count += visible.float()
+        hessian += means.grad.pow(2).sum(dim=-1)
+        if progress is not None:
+            progress(done, {"l1": float(loss.detach())})
+    return {"grad2d": (grad_sum / vis_count.clamp_min(1)).cpu(), "hessian": hessian.cpu()}
