@@ -27,8 +27,7 @@ from typing import Callable, List, Tuple
 import torch
 import tyro
 
-from gvae_ns.render import rasterize_torch
-from gvae_ns.render_cpp import load_extension, rasterize_cpp
+from gvae_ns.render import load_extension, rasterize_cpp, rasterize_torch
 
 
 @dataclass

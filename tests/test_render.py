@@ -17,8 +17,8 @@ from gsplat.cuda._torch_impl import (
 )
 from gsplat.strategy import DefaultStrategy
 
-import gvae_ns.render as render
-from gvae_ns.render import composite, rasterize, rasterize_torch
+from gvae_ns import render
+from gvae_ns.render import composite, composite_torch, rasterize, rasterize_torch
 
 W, H = 24, 18
 
@@ -111,7 +111,7 @@ def test_rgb_matches_reference_several_cameras_with_background(tile_size):
     scene = _scene(40)
     viewmats, Ks = _cameras(3)
     bgs = torch.tensor([[0.1, 0.2, 0.3], [1.0, 0.0, 0.5], [0.0, 0.0, 0.0]], dtype=torch.float64)
-    kwargs = dict(backgrounds=bgs, tile_size=tile_size)
+    kwargs = {"backgrounds": bgs, "tile_size": tile_size}
     img, alphas, info = rasterize_torch(*scene, viewmats, Ks, W, H, **kwargs)
     ref, ref_alphas, ref_radii = _reference(*scene, viewmats, Ks, W, H, **kwargs)
     assert img.shape == (3, H, W, 3) and alphas.shape == (3, H, W, 1)
@@ -146,7 +146,7 @@ def test_opaque_stack_stops_at_transmittance_cutoff():
 def test_sh_and_modes_match_reference(sh_degree, rasterize_mode):
     means, quats, scales, opacities, colors = _scene(25, seed=sh_degree + 7, sh_coeffs=16)
     viewmats, Ks = _cameras(2)
-    kwargs = dict(sh_degree=sh_degree, rasterize_mode=rasterize_mode)
+    kwargs = {"sh_degree": sh_degree, "rasterize_mode": rasterize_mode}
     img, alphas, _ = rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, W, H, **kwargs)
     ref, ref_alphas, _ = _reference(means, quats, scales, opacities, colors, viewmats, Ks, W, H, **kwargs)
     torch.testing.assert_close(img, ref, atol=1e-9, rtol=0)
@@ -176,8 +176,8 @@ def test_per_camera_features_with_many_channels():
     means, quats, scales, opacities, _ = _scene(20, seed=5)
     viewmats, Ks = _cameras(2)
     feats = torch.rand(2, 20, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    img, alphas, _ = rasterize_torch(means, quats, scales, opacities, feats, viewmats, Ks, W, H)
-    ref, ref_alphas, _ = _reference(means, quats, scales, opacities, feats, viewmats, Ks, W, H)
+    img, _alphas, _ = rasterize_torch(means, quats, scales, opacities, feats, viewmats, Ks, W, H)
+    ref, _ref_alphas, _ = _reference(means, quats, scales, opacities, feats, viewmats, Ks, W, H)
     assert img.shape == (2, H, W, 5)
     torch.testing.assert_close(img, ref, atol=1e-9, rtol=0)
 
@@ -219,7 +219,7 @@ def test_gradients_are_finite_and_absgrad_bounds_grad():
     for mode in ("classic", "antialiased"):
         for p in params:
             p.grad = None
-        img, alpha, info = rasterize_torch(*params, viewmats, Ks, W, H, absgrad=True, rasterize_mode=mode)
+        img, _alpha, info = rasterize_torch(*params, viewmats, Ks, W, H, absgrad=True, rasterize_mode=mode)
         info["means2d"].retain_grad()
         ((img - target) ** 2).mean().backward()
         for p in params:
@@ -320,7 +320,7 @@ def test_composite_gradients_with_saturated_pixels(monkeypatch):
 
     img, _ = f(means2d, conics, colors, opacities)
     with monkeypatch.context() as m:
-        m.setattr(render, "TRANSMITTANCE_MIN", 1e-300)
+        m.setattr(composite_torch, "TRANSMITTANCE_MIN", 1e-300)
         img_uncut, _ = f(means2d, conics, colors, opacities)
     assert (img - img_uncut).abs().amax(-1).gt(1e-6).sum() > 5, "some pixels must hit the transmittance cut-off"
     inputs = [t.clone().requires_grad_(True) for t in (means2d, conics, colors, opacities)]
@@ -340,7 +340,7 @@ def test_absgrad_is_sum_of_absolute_per_pixel_gradients():
     sink = {}
 
     m = means2d.clone().requires_grad_(True)
-    img, alpha = composite(
+    img, _alpha = composite(
         m, conics, colors, opacities, radii, depths, w, h, absgrad_sink=lambda v: sink.update(v=v)
     )
     (img * weights).sum().backward()
@@ -423,10 +423,10 @@ def test_dispatcher_uses_cpu_path_on_cpu(monkeypatch):
     viewmats, Ks = _cameras(1)
     ref, ref_alpha, _ = rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, W, H)
     monkeypatch.setenv(render.RASTERIZER_ENV, "torch")
-    img, alpha, info = rasterize(means, quats, scales, opacities, colors, viewmats, Ks, W, H)
+    img, alpha, _ = rasterize(means, quats, scales, opacities, colors, viewmats, Ks, W, H)
     assert torch.equal(img, ref) and torch.equal(alpha, ref_alpha)
     monkeypatch.delenv(render.RASTERIZER_ENV)
-    img, alpha, info = rasterize(means, quats, scales, opacities, colors, viewmats, Ks, W, H)  # default path
+    img, alpha, _info = rasterize(means, quats, scales, opacities, colors, viewmats, Ks, W, H)  # default path
     torch.testing.assert_close(img, ref, atol=1e-9, rtol=0)
 
 
@@ -437,7 +437,7 @@ def test_chunking_does_not_change_the_render(monkeypatch):
     img, alpha, _ = rasterize_torch(*params, viewmats, Ks, W, H)
     img.sum().backward()
     grads = [p.grad.clone() for p in params]
-    monkeypatch.setattr(render, "MAX_ENTRIES_PER_CHUNK", 40)
+    monkeypatch.setattr(composite_torch, "MAX_ENTRIES_PER_CHUNK", 40)
     params_b = [t.clone().requires_grad_(True) for t in (means, quats, scales, opacities, colors)]
     img_b, alpha_b, _ = rasterize_torch(*params_b, viewmats, Ks, W, H)
     img_b.sum().backward()
@@ -490,7 +490,7 @@ def test_default_strategy_grows_and_prunes(absgrad):
     target = torch.rand(2, H, W, 3, generator=torch.Generator().manual_seed(0))
     counts = [len(params["means"])]
     for step in range(1, 3):
-        img, alpha, info = rasterize(
+        img, _alpha, info = rasterize(
             params["means"], params["quats"], torch.exp(params["scales"]), torch.sigmoid(params["opacities"]),
             params["colors"], viewmats, Ks, W, H, absgrad=absgrad,
         )

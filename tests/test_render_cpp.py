@@ -1,4 +1,4 @@
-"""The compiled CPU rasterizer (gvae_ns.render_cpp) against the pure-PyTorch reference (gvae_ns.render).
+"""The compiled CPU rasterizer (``rasterize_cpp``) against the pure-PyTorch reference (``rasterize_torch``).
 
 Images and every gradient (means, quats, scales, opacities, colours / SH, backgrounds, means2d grad and
 absgrad) must agree to round-off on scenes built to break rasterizers, and gsplat's DefaultStrategy must
@@ -15,10 +15,15 @@ import pytest
 import torch
 from gsplat.strategy import DefaultStrategy
 
-import gvae_ns.render as render
-import gvae_ns.render_cpp as render_cpp
-from gvae_ns.render import composite, rasterize, rasterize_torch
-from gvae_ns.render_cpp import composite_cpp, rasterize_cpp
+from gvae_ns import render
+from gvae_ns.render import (
+    composite,
+    composite_cpp,
+    extension,
+    rasterize,
+    rasterize_cpp,
+    rasterize_torch,
+)
 
 _HAS_COMPILER = bool(os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++"))
 pytestmark = pytest.mark.skipif(not _HAS_COMPILER, reason="no C++ compiler (g++) to build the CPU rasterizer")
@@ -26,8 +31,8 @@ pytestmark = pytest.mark.skipif(not _HAS_COMPILER, reason="no C++ compiler (g++)
 
 @pytest.fixture(scope="module", autouse=True)
 def _built():
-    lib = render_cpp.load_extension()
-    assert lib is not None, f"a compiler is present but the build failed: {render_cpp.build_error()}"
+    lib = extension.load_extension()
+    assert lib is not None, f"a compiler is present but the build failed: {extension.build_error()}"
 
 
 def _cameras(C: int, W: int, H: int, dtype=torch.float64):
@@ -56,7 +61,7 @@ def _hard_scene(dtype=torch.float64, seed=0, sh_coeffs=0):
         parts.append((means, torch.randn(n, 4, generator=g, dtype=dtype), scales, opacities))
 
     add(torch.randn(80, 3, generator=g, dtype=dtype) * 0.6, rand(80, 3) * 0.12 + 0.01, rand(80) * 0.95 + 0.03)
-    t = lambda rows: torch.tensor(rows, dtype=dtype)  # noqa: E731
+    t = lambda rows: torch.tensor(rows, dtype=dtype)
     add(t([[0.0, 0.0, -6.0], [0.3, -0.2, -4.5]]), torch.full((2, 3), 0.3, dtype=dtype), t([0.9, 0.9]))  # behind
     # straddling / just beyond the near plane (camera depth 0.005, 0.03, 0.2 with big extent)
     add(t([[0.0, 0.0, -3.995], [0.01, 0.0, -3.97], [-0.05, 0.02, -3.8]]), torch.full((3, 3), 0.4, dtype=dtype),
@@ -109,7 +114,7 @@ def _assert_same(a, b, rel: float):
         if ga is None:
             continue
         scale = max(ga.abs().max().item(), 1e-12)
-        torch.testing.assert_close(gb, ga, atol=rel * scale, rtol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(gb, ga, atol=rel * scale, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("tile_size", [16, 6])
@@ -118,7 +123,7 @@ def test_hard_scene_matches_reference_float64(tile_size):
     scene = _hard_scene()
     viewmats, Ks = _cameras(3, W, H)
     bgs = torch.tensor([[0.1, 0.2, 0.3], [1.0, 0.0, 0.5], [0.3, 0.3, 0.3]], dtype=torch.float64)
-    kw = dict(backgrounds=bgs, tile_size=tile_size)
+    kw = {"backgrounds": bgs, "tile_size": tile_size}
     ref = _run(rasterize_torch, scene, viewmats, Ks, W, H, **kw)
     out = _run(rasterize_cpp, scene, viewmats, Ks, W, H, **kw)
     _assert_same(ref, out, rel=1e-10)
@@ -141,7 +146,7 @@ def test_sh_modes_and_render_modes_match_reference(rasterize_mode, render_mode):
     scene = _hard_scene(seed=3, sh_coeffs=16)
     viewmats, Ks = _cameras(2, W, H)
     bgs = torch.tensor([[0.2, 0.4, 0.6], [0.9, 0.9, 0.1]], dtype=torch.float64)
-    kw = dict(backgrounds=bgs, sh_degree=3, rasterize_mode=rasterize_mode, render_mode=render_mode)
+    kw = {"backgrounds": bgs, "sh_degree": 3, "rasterize_mode": rasterize_mode, "render_mode": render_mode}
     ref = _run(rasterize_torch, scene, viewmats, Ks, W, H, **kw)
     out = _run(rasterize_cpp, scene, viewmats, Ks, W, H, **kw)
     if render_mode == "D":  # backgrounds do not enter depth renders
@@ -154,8 +159,8 @@ def test_float32_training_precision_matches_reference():
     W, H = 40, 24
     scene = _hard_scene(dtype=torch.float32, seed=5, sh_coeffs=4)
     viewmats, Ks = _cameras(2, W, H, dtype=torch.float32)
-    kw = dict(sh_degree=1, rasterize_mode="antialiased", render_mode="RGB+ED",
-              backgrounds=torch.full((2, 3), 0.5))
+    kw = {"sh_degree": 1, "rasterize_mode": "antialiased", "render_mode": "RGB+ED",
+          "backgrounds": torch.full((2, 3), 0.5)}
     ref = _run(rasterize_torch, scene, viewmats, Ks, W, H, **kw)
     out = _run(rasterize_cpp, scene, viewmats, Ks, W, H, **kw)
     _assert_same(ref, out, rel=2e-4)
@@ -183,7 +188,7 @@ def test_empty_scene_renders_background():
     bgs = torch.tensor([[0.2, 0.4, 0.6], [1.0, 1.0, 1.0]], dtype=torch.float64)
     empty = [torch.zeros(0, k, dtype=torch.float64) for k in (3, 4, 3)] + [
         torch.zeros(0, dtype=torch.float64), torch.zeros(0, 3, dtype=torch.float64)]
-    img, alpha, info = rasterize_cpp(*empty, viewmats, Ks, 20, 17, backgrounds=bgs)
+    img, alpha, _info = rasterize_cpp(*empty, viewmats, Ks, 20, 17, backgrounds=bgs)
     assert torch.equal(img, bgs[:, None, None, :].expand(2, 17, 20, 3)) and (alpha == 0).all()
 
 
@@ -275,7 +280,7 @@ def _densify_run(fn, steps: int = 16):
     target = torch.rand(2, H, W, 3, generator=torch.Generator().manual_seed(0))
     counts = []
     for step in range(steps):
-        img, alpha, info = fn(params["means"], params["quats"], torch.exp(params["scales"]),
+        img, _alpha, info = fn(params["means"], params["quats"], torch.exp(params["scales"]),
                               torch.sigmoid(params["opacities"]), params["colors"], viewmats, Ks, W, H)
         strategy.step_pre_backward(params, optimizers, state, step, info)
         ((img - target) ** 2).mean().backward()
@@ -322,8 +327,8 @@ def test_dispatch_env_var_and_one_log_line(monkeypatch, capsys):
 
 def test_falls_back_to_torch_when_the_build_fails(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(render, "_cpu_choice", {})
-    monkeypatch.setattr(render_cpp, "_lib", None)
-    monkeypatch.setattr(render_cpp, "_error", None)
+    monkeypatch.setattr(extension, "_lib", None)
+    monkeypatch.setattr(extension, "_error", None)
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv(render.RASTERIZER_ENV, raising=False)

@@ -15,6 +15,7 @@ from PIL import Image
 from gvae_ns import synthetic
 from gvae_ns.datasets import box_downscale, check_blender_dir, downscale_blender
 from gvae_ns.metrics import nearest_sq_distances
+from gvae_ns.synthetic import primitives
 
 
 def _composite(path: Path) -> np.ndarray:
@@ -94,7 +95,7 @@ def test_images_carry_detail_lost_at_low_resolution(monkeypatch):
     c2w = synthetic.camera_poses(1, np.random.default_rng(0))[0]
     focal = 0.5 * 256 / math.tan(0.5 * synthetic.CAMERA_ANGLE_X)
     textured = _detail_energy(synthetic.render_view(c2w, 256, 256, focal, supersample=2))
-    monkeypatch.setattr(synthetic, "_two_tone", lambda mask, on, off: np.tile(np.float32(off), (len(mask), 1)))
+    monkeypatch.setattr(primitives, "_two_tone", lambda mask, on, off: np.tile(np.float32(off), (len(mask), 1)))
     plain = _detail_energy(synthetic.render_view(c2w, 256, 256, focal, supersample=2))
     assert math.sqrt(textured) > 0.08, f"RMS lost by 4x down-up sampling is only {math.sqrt(textured):.3f}"
     assert textured > 2.0 * plain, "the fine textures should dominate what 4x down-up sampling loses"

@@ -1,9 +1,9 @@
 // Tile-based CPU rasterizer for projected 3D Gaussians (the algorithm of gsplat's CUDA kernels, on
-// CPU cores with OpenMP).  Built on first use by gvae_ns/render_cpp.py (g++ -O3 -fopenmp, a plain
-// C interface called through ctypes: no PyTorch headers, so it compiles in seconds).  The Python
+// CPU cores with OpenMP).  Built on first use by gvae_ns/render/extension.py (g++ -O3 -fopenmp, a
+// plain C interface called through ctypes: no PyTorch headers, so it compiles in seconds).  The Python
 // side owns projection, SH, memory and autograd; this file owns intersection and compositing.
 //
-// Contract (shared with the pure-PyTorch reference in gvae_ns/render.py):
+// Contract (shared with the pure-PyTorch reference, gvae_ns/render/composite_torch.py):
 //  * a Gaussian touches the tiles (tile_size x tile_size pixels) its radius box overlaps, as
 //    gsplat's isect_tiles; tiles where its alpha cannot reach alpha_min anywhere are dropped (an exact
 //    ellipse/box test, so nothing visible is lost);
@@ -53,7 +53,7 @@ inline bool box_reaches(double a, double b, double c, double lx, double hx, doub
 }
 
 // gsplat's tile range [x0, x1) x [y0, y1) of a radius box, in the working precision (bit-identical
-// to gvae_ns.render._tile_box).
+// to gvae_ns.render.contract.tile_box).
 template <typename scalar_t>
 void tile_box(scalar_t mx, scalar_t my, int32_t radius, int tile_size, int tiles_x, int tiles_y,
               int& x0, int& x1, int& y0, int& y1) {
@@ -842,7 +842,7 @@ void sh_backward(int C, int N, int K, int degree, bool shared, const T* dirs, co
 
 }  // namespace
 
-// ---- C interface (called through ctypes by gvae_ns/render_cpp.py) ----
+// ---- C interface (called through ctypes by gvae_ns/render/compiled.py) ----
 // `dbl` selects float64 (1) or float32 (0) for every floating-point array.  All arrays are dense,
 // row-major, and allocated by the caller; returns 0 on success, 1 when memory ran out.
 // Shapes: means2d [C,N,2], conics [C,N,3], colors [C,N,D], opac/depths/radii [C,N],

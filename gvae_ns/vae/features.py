@@ -17,7 +17,9 @@ The VAE never sees world coordinates. A child (or an older ancestor) is describe
 stream adds an exist flag, giving the paper's 11 and 50 features (its table 5).
 
 :func:`absolute_state` inverts :func:`relative_features` exactly, up to the quaternion's raw norm and
-sign, which the renderer ignores: absolute quaternions come back unit-length with ``w >= 0``.
+sign, which the renderer ignores: absolute quaternions come back unit-length with ``w >= 0``. The
+quaternion algebra is :mod:`gvae_ns.quaternions`'s, imported here under the names callers use
+(``normalize_quat``, ``quat_multiply``, ``quat_conjugate``, ``quat_rotate``).
 
 History tokens (:func:`history_tokens`) are the lineage's states relative to its newest one, right-
 aligned so that the newest stage is always the last column, plus a few scale-free context features of
@@ -32,6 +34,10 @@ import torch
 from torch import Tensor
 
 from gvae_ns.gaussians import MEANS, OPACITY, QUATS, SCALES, SH_DC, SH_REST, STATE_DIM
+from gvae_ns.quaternions import conjugate as quat_conjugate
+from gvae_ns.quaternions import multiply as quat_multiply
+from gvae_ns.quaternions import normalize as normalize_quat
+from gvae_ns.quaternions import rotate as quat_rotate
 
 REL_OFFSET = slice(0, 3)
 REL_ROTATION = slice(3, 7)
@@ -51,66 +57,10 @@ CONTEXT_DIM = 7
 ``log-scale - max(log-scale)`` (3), opacity logit (1), SH DC colour (3). Survival (pruning) hangs on
 opacity and split-vs-clone on shape, so both streams need both to predict the exist flags."""
 
-_QUAT_EPS = 1e-12
-
 
 def _check_state(x: Tensor, name: str) -> None:
     if x.shape[-1] != STATE_DIM:
         raise ValueError(f"{name}: expected {STATE_DIM} state floats in the last dim, got shape {tuple(x.shape)}")
-
-
-def normalize_quat(q: Tensor) -> Tensor:
-    """Unit quaternion with ``w >= 0``; a (near-)zero quaternion becomes the identity."""
-    norm = q.norm(dim=-1, keepdim=True)
-    identity = torch.zeros_like(q)
-    identity[..., 0] = 1.0
-    unit = torch.where(norm > 1e-8, q / norm.clamp_min(_QUAT_EPS), identity)
-    sign = torch.where(unit[..., :1] < 0, -1.0, 1.0).to(q.dtype)
-    return unit * sign
-
-
-def quat_multiply(a: Tensor, b: Tensor) -> Tensor:
-    """Hamilton product ``a * b`` of ``(w, x, y, z)`` quaternions, broadcasting over leading dims."""
-    aw, ax, ay, az = a.unbind(-1)
-    bw, bx, by, bz = b.unbind(-1)
-    return torch.stack(
-        (
-            aw * bw - ax * bx - ay * by - az * bz,
-            aw * bx + ax * bw + ay * bz - az * by,
-            aw * by - ax * bz + ay * bw + az * bx,
-            aw * bz + ax * by - ay * bx + az * bw,
-        ),
-        dim=-1,
-    )
-
-
-def quat_conjugate(q: Tensor) -> Tensor:
-    """``(w, -x, -y, -z)``: the inverse of a unit quaternion."""
-    return torch.cat([q[..., :1], -q[..., 1:]], dim=-1)
-
-
-def quat_to_rotmat(q: Tensor) -> Tensor:
-    """Rotation matrices ``[..., 3, 3]`` of unit ``(w, x, y, z)`` quaternions (columns = local axes)."""
-    w, x, y, z = q.unbind(-1)
-    rows = (
-        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-    )
-    return torch.stack(rows, dim=-1).reshape(*q.shape[:-1], 3, 3)
-
-
-def _cross(a: Tensor, b: Tensor) -> Tensor:
-    ax, ay, az = a.unbind(-1)
-    bx, by, bz = b.unbind(-1)
-    return torch.stack((ay * bz - az * by, az * bx - ax * bz, ax * by - ay * bx), dim=-1)
-
-
-def quat_rotate(q: Tensor, v: Tensor) -> Tensor:
-    """Rotate vectors ``v [..., 3]`` by unit quaternions ``q [..., 4]`` (``R(q) v``)."""
-    w, u = q[..., :1], q[..., 1:]
-    t = 2.0 * _cross(u, v)
-    return v + w * t + _cross(u, t)
 
 
 def _parent_unit(parent: Tensor) -> Tensor:
@@ -229,11 +179,11 @@ class HistoryTokens:
     parent: Tensor
     """``[N, 59]``: the newest raw state, which every feature is relative to."""
 
-    def index(self, idx: Tensor) -> "HistoryTokens":
+    def index(self, idx: Tensor) -> HistoryTokens:
         """The tokens of the rows ``idx``."""
         return HistoryTokens(self.geometry[idx], self.appearance[idx], self.mask[idx], self.parent[idx])
 
-    def to(self, device: torch.device | str) -> "HistoryTokens":
+    def to(self, device: torch.device | str) -> HistoryTokens:
         """The same tokens on ``device``."""
         return HistoryTokens(
             self.geometry.to(device), self.appearance.to(device), self.mask.to(device), self.parent.to(device)
