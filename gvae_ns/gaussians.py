@@ -1,6 +1,7 @@
-"""The flat per-Gaussian state vector shared by the lineage file, the VAE and refinement.
+"""Splatfacto's parameter names, and the packed Gaussian: one row of 59 floats per Gaussian, shared by the
+lineage file, the decoders and refinement ("packed", so that "state" keeps meaning gsplat's strategy state).
 
-One row per Gaussian, 59 floats, in splatfacto's raw parameter space:
+The row is in splatfacto's raw parameter space:
 
 | slice          | width | what                                    |
 |----------------|-------|-----------------------------------------|
@@ -24,7 +25,7 @@ SCALES = slice(7, 10)
 OPACITY = slice(10, 11)
 SH_DC = slice(11, 14)
 SH_REST = slice(14, 59)
-STATE_DIM = 59
+PACKED_DIM = 59
 SH_REST_COEFFS = 15  # degree 3: (3 + 1) ** 2 - 1
 
 PARAM_KEYS = ("means", "scales", "quats", "features_dc", "features_rest", "opacities")
@@ -32,7 +33,7 @@ PARAM_KEYS = ("means", "scales", "quats", "features_dc", "features_rest", "opaci
 every digest over parameters (:mod:`gvae_ns.tagged_file`) takes them in this order."""
 
 
-def pack_state(params: Dict[str, torch.Tensor]) -> torch.Tensor:
+def pack_gaussians(params: Dict[str, torch.Tensor]) -> torch.Tensor:
     """Pack splatfacto's ``gauss_params`` (or any dict with its names) into ``[N, 59]`` floats.
 
     ``features_rest`` of a lower SH degree is zero-padded to degree 3.
@@ -55,14 +56,14 @@ def pack_state(params: Dict[str, torch.Tensor]) -> torch.Tensor:
     ).float()
 
 
-def unpack_state(state: torch.Tensor, sh_rest_coeffs: int = SH_REST_COEFFS) -> Dict[str, torch.Tensor]:
-    """Inverse of :func:`pack_state`: ``[N, 59]`` -> splatfacto-shaped parameter dict."""
-    n = state.shape[0]
+def unpack_gaussians(packed: torch.Tensor, sh_rest_coeffs: int = SH_REST_COEFFS) -> Dict[str, torch.Tensor]:
+    """Inverse of :func:`pack_gaussians`: ``[N, 59]`` -> splatfacto-shaped parameter dict."""
+    n = packed.shape[0]
     return {
-        "means": state[:, MEANS],
-        "quats": state[:, QUATS],
-        "scales": state[:, SCALES],
-        "opacities": state[:, OPACITY],
-        "features_dc": state[:, SH_DC],
-        "features_rest": state[:, SH_REST].reshape(n, SH_REST_COEFFS, 3)[:, :sh_rest_coeffs],
+        "means": packed[:, MEANS],
+        "quats": packed[:, QUATS],
+        "scales": packed[:, SCALES],
+        "opacities": packed[:, OPACITY],
+        "features_dc": packed[:, SH_DC],
+        "features_rest": packed[:, SH_REST].reshape(n, SH_REST_COEFFS, 3)[:, :sh_rest_coeffs],
     }

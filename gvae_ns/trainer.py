@@ -36,6 +36,7 @@ from gvae_ns.refine.cli import RefineConfig, refine_pipeline
 from gvae_ns.run_layout import CONFIG_FILE, RunLayout
 from gvae_ns.stages import StageSchedule, StageScheduleError
 
+
 class RunConfigError(ValueError):
     """A gaussianvae run that cannot start; the message names the field and the fix."""
 

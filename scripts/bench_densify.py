@@ -86,7 +86,7 @@ def run_case(cfg: BenchConfig) -> Dict[str, float]:
     """Run ``cfg.case`` at ``cfg.n`` points in this process; return seconds, peak MiB and output size."""
     import torch
 
-    from gvae_ns.gaussians import MEANS, SCALES, STATE_DIM
+    from gvae_ns.gaussians import MEANS, SCALES, PACKED_DIM
     from gvae_ns.densify.head import DensifyHead, DensifyHeadConfig
     from gvae_ns.densify.patch_attention import SerializedTransformer
     from gvae_ns.densify.serialization import serialize
@@ -119,7 +119,7 @@ def run_case(cfg: BenchConfig) -> Dict[str, float]:
                 return out.shape[0]
 
             return step
-        state = torch.randn(n, STATE_DIM, device=device)
+        state = torch.randn(n, PACKED_DIM, device=device)
         state[:, MEANS] = points
         state[:, SCALES] = -5.0
 

@@ -18,7 +18,7 @@ from typing import Tuple
 import torch
 import tyro
 
-from gvae_ns.gaussians import MEANS, OPACITY, QUATS, SCALES, SH_DC, STATE_DIM
+from gvae_ns.gaussians import MEANS, OPACITY, QUATS, SCALES, SH_DC, PACKED_DIM
 from gvae_ns.vae.extrapolate import extrapolate
 from gvae_ns.vae.features import REL_DIM, REL_LOG_SCALE, REL_OFFSET, REL_ROTATION, absolute_state
 from gvae_ns.vae.model import GaussianVAE, GaussianVAEConfig
@@ -62,7 +62,7 @@ def synthetic_lineages(n: int, stages: int, children: int, gen: torch.Generator)
         rel[:, REL_LOG_SCALE.stop:] = torch.randn(count, REL_DIM - REL_LOG_SCALE.stop, generator=gen) * 0.05
         return rel
 
-    root = torch.zeros(n, STATE_DIM)
+    root = torch.zeros(n, PACKED_DIM)
     root[:, MEANS] = torch.randn(n, 3, generator=gen) * 2
     root[:, QUATS] = torch.randn(n, 4, generator=gen)
     root[:, SCALES] = torch.randn(n, 3, generator=gen) * 0.3 - 2
@@ -75,7 +75,7 @@ def synthetic_lineages(n: int, stages: int, children: int, gen: torch.Generator)
     stage = torch.randint(0, stages - 1, (n,), generator=gen)
     mask = torch.arange(stages)[None] <= stage[:, None]
     parent = chain_t[torch.arange(n), stage]
-    kids = torch.zeros(n, children, STATE_DIM)
+    kids = torch.zeros(n, children, PACKED_DIM)
     kids_mask = torch.rand(n, children, generator=gen) < torch.tensor([0.95] + [0.4] * (children - 1))
     for c in range(children):
         kids[:, c] = absolute_state(random_rel(n, 0.2 if c == 0 else 1.0, -0.2 if c == 0 else -0.5), parent)

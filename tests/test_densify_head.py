@@ -6,9 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gvae_ns.gaussians import MEANS, QUATS, SCALES, STATE_DIM
-from gvae_ns.densify.head import DensifyHead, DensifyHeadConfig, quat_rotate
-from gvae_ns.densify.patch_attention import SerializedAttention, SerializedTransformer, build_layout
+from gvae_ns.densify.head import DensifyHead, DensifyHeadConfig
+from gvae_ns.densify.patch_attention import (
+    SerializedAttention,
+    SerializedTransformer,
+    build_layout,
+)
+from gvae_ns.gaussians import MEANS, QUATS, SCALES, PACKED_DIM
+from gvae_ns.quaternions import rotate as quat_rotate
 
 DIM, HEADS = 16, 4
 
@@ -72,7 +77,7 @@ def test_serialized_transformer_is_permutation_equivariant_and_differentiable():
 
 def _state(n: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    state = torch.randn(n, STATE_DIM, generator=g)
+    state = torch.randn(n, PACKED_DIM, generator=g)
     state[:, MEANS] = torch.rand(n, 3, generator=g) * 4.0
     state[:, SCALES] = torch.rand(n, 3, generator=g) * 2.0 - 4.0
     state[:, QUATS] = state[:, QUATS] * 3.0
@@ -91,7 +96,7 @@ def test_generated_gaussians_are_valid_and_bounded_by_their_parent():
     out = head(state)
     r, k = head.cfg.children, head.cfg.offset_sigmas
     m = out.states.shape[0]
-    assert out.states.shape == (m, STATE_DIM) and out.source.shape == out.layer.shape == (m,)
+    assert out.states.shape == (m, PACKED_DIM) and out.source.shape == out.layer.shape == (m,)
     assert bool(torch.isfinite(out.states).all())
     torch.testing.assert_close(out.states[:, QUATS].norm(dim=1), torch.ones(m))
     root = state[out.source]
@@ -170,8 +175,8 @@ def test_scenes_batched_by_offsets_do_not_interact():
 
 def test_empty_selection_and_bad_states():
     head = _head()
-    out = head(torch.zeros(0, STATE_DIM))
-    assert out.states.shape == (0, STATE_DIM) and out.source.numel() == 0
+    out = head(torch.zeros(0, PACKED_DIM))
+    assert out.states.shape == (0, PACKED_DIM) and out.source.numel() == 0
     bad = _state(4)
     bad[1, QUATS] = 0.0
     with pytest.raises(ValueError, match="zero quaternion"):

@@ -9,11 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gvae_ns.gaussians import MEANS, OPACITY, QUATS, SCALES, SH_DC, SH_REST, STATE_DIM
-from gvae_ns.lineage.dataset import TransitionSet
-from gvae_ns.run_layout import DENSIFY_HEAD_FILE
-from gvae_ns.densify.head import DensifyHead, DensifyHeadConfig, quat_rotate
 from gvae_ns.densify.apply import densify
+from gvae_ns.densify.head import DensifyHead, DensifyHeadConfig
 from gvae_ns.densify.train import (
     DensifyTrainConfig,
     densify_loss,
@@ -22,6 +19,10 @@ from gvae_ns.densify.train import (
     spatial_batches,
     train_densify_head,
 )
+from gvae_ns.gaussians import MEANS, OPACITY, QUATS, SCALES, SH_DC, SH_REST, PACKED_DIM
+from gvae_ns.lineage.dataset import TransitionSet
+from gvae_ns.quaternions import rotate as quat_rotate
+from gvae_ns.run_layout import DENSIFY_HEAD_FILE
 
 HEAD = DensifyHeadConfig(children=2, width=32, num_heads=4, patch_size=16)
 STEPS = 60
@@ -30,7 +31,7 @@ STEPS = 60
 def split_parents(n: int, seed: int) -> torch.Tensor:
     """``n`` random anisotropic Gaussians in a 4-unit box, ``[n, 59]``."""
     g = torch.Generator().manual_seed(seed)
-    parent = torch.zeros(n, STATE_DIM)
+    parent = torch.zeros(n, PACKED_DIM)
     parent[:, MEANS] = torch.rand(n, 3, generator=g) * 4.0
     parent[:, QUATS] = F.normalize(torch.randn(n, 4, generator=g), dim=-1)
     parent[:, SCALES] = torch.log(torch.tensor([0.12, 0.04, 0.03])) + 0.3 * torch.randn(n, 1, generator=g)
@@ -55,7 +56,7 @@ def transition_set(parent: torch.Tensor, num_children: torch.Tensor) -> Transiti
         child[:, SH_DC] = 0.8 * parent[:, SH_DC]
         halves.append(child)
     split = num_children == 2
-    children = torch.zeros(n, 4, STATE_DIM)
+    children = torch.zeros(n, 4, PACKED_DIM)
     children[:, 0] = torch.where(split[:, None], halves[0], parent)
     children[:, 1] = halves[1]
     cmask = torch.arange(4)[None, :] < num_children[:, None]

@@ -25,7 +25,6 @@ from typing import List
 
 import pytest
 import torch
-
 from tiny_runs import BIN, run_env, tiny_flags
 
 FLAGS = tiny_flags(num_random=400, stage_steps=(20, 20, 20), every=5, decoder_steps=20, save_every=10) + [

@@ -17,7 +17,7 @@ from typing import Dict, List
 import pytest
 import torch
 
-from gvae_ns.gaussians import OPACITY, STATE_DIM
+from gvae_ns.gaussians import OPACITY, PACKED_DIM
 from gvae_ns.lineage.dataset import ancestor_rows, build_transitions, depths, final_histories
 from gvae_ns.lineage.format import ALIVE, CLONE, PRUNED, SEED, SPLIT, SPLIT_REPLACED, Lineage
 
@@ -53,7 +53,7 @@ def hand_lineage() -> Lineage:
     states = []
     for k, (_, ops) in enumerate(SNAPSHOTS):
         for i, opa in ops.items():
-            s = torch.zeros(STATE_DIM)
+            s = torch.zeros(PACKED_DIM)
             s[0] = i + 100 * k
             s[OPACITY] = opa
             snap_ids.append(i)
@@ -144,7 +144,7 @@ def test_overflow_keeps_self_and_most_opaque():
     assert ts.children_ids[idx[(0, 1)]].tolist() == [7, 8]
     assert ts.children_ids[idx[(0, 2)]].tolist() == [-1, -1]
     sub = ts[ts.stage == 1]
-    assert len(sub) == 6 and sub.children.shape == (6, 2, STATE_DIM)
+    assert len(sub) == 6 and sub.children.shape == (6, 2, PACKED_DIM)
 
 
 def test_report_cli_writes_json_and_figure(tmp_path, capsys):

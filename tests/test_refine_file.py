@@ -11,11 +11,16 @@ from gvae_ns.refine.result import (
     Refinement,
     RefinementFileError,
     load_refinement,
-    rebuild_hint,
     provenance_of,
+    rebuild_hint,
     save_refinement,
 )
-from gvae_ns.tagged_file import Provenance, TaggedFileError, digest_config, digest_tensors
+from gvae_ns.tagged_file import (
+    Provenance,
+    TaggedFileError,
+    digest_config,
+    digest_tensors,
+)
 
 
 def _params(n: int, seed: int = 0):

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tiny_runs import BIN, run_env, tiny_flags
 
 TINY_FLAGS = tiny_flags(save_every=35)
@@ -72,7 +71,12 @@ def test_export_writes_refined_scene_by_default_and_original_on_request(run, tmp
     """ns-export gaussian-splat writes the model's own values (refined by default, the checkpoint's with
     GVAE_REFINED=0), column by column, and a third-party reader (splat-transform) reads them back."""
     from plyfile import PlyData
-    from test_splat_transform import assert_ply_matches, check_exported_ply, expected_columns, exported_rows
+    from test_splat_transform import (
+        assert_ply_matches,
+        check_exported_ply,
+        expected_columns,
+        exported_rows,
+    )
 
     from gvae_ns.gaussians import PARAM_KEYS
     from gvae_ns.refine.result import load_refinement

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gvae_ns.gaussians import MEANS, OPACITY, QUATS, SCALES, SH_DC, STATE_DIM
+from gvae_ns.gaussians import MEANS, OPACITY, QUATS, SCALES, SH_DC, PACKED_DIM
 from gvae_ns.vae import features as feats
 from gvae_ns.vae.flow import FlowPrior
 from gvae_ns.vae.losses import chamfer_distance, cyclic_beta, exist_bce, masked_mse
@@ -34,7 +34,7 @@ def tiny_config(**overrides) -> GaussianVAEConfig:
 
 
 def random_states(n: int, gen: torch.Generator) -> torch.Tensor:
-    s = torch.zeros(n, STATE_DIM)
+    s = torch.zeros(n, PACKED_DIM)
     s[:, MEANS] = torch.randn(n, 3, generator=gen) * 3
     s[:, QUATS] = torch.randn(n, 4, generator=gen)
     s[:, SCALES] = torch.randn(n, 3, generator=gen) * 0.5 - 2
@@ -68,7 +68,7 @@ def make_transitions(n: int = 64, stages: int = 4, children: int = 4, seed: int 
     history = torch.where((torch.arange(stages)[None, :] <= stage[:, None])[..., None], chain_t, 0.0)
     history_mask = torch.arange(stages)[None, :] <= stage[:, None]
     parent = chain_t[torch.arange(n), stage]
-    kids = torch.zeros(n, children, STATE_DIM)
+    kids = torch.zeros(n, children, PACKED_DIM)
     kids_mask = torch.zeros(n, children, dtype=torch.bool)
     kids[:, 0] = chain_t[torch.arange(n), stage + 1]
     kids_mask[:, 0] = True
@@ -116,7 +116,7 @@ def test_features_ignore_scene_scale_and_rotation():
 
 def test_history_tokens_right_align_relative_to_newest():
     gen = torch.Generator().manual_seed(2)
-    history = random_states(3 * 5, gen).view(3, 5, STATE_DIM)
+    history = random_states(3 * 5, gen).view(3, 5, PACKED_DIM)
     mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 0, 0]], dtype=torch.bool)
     tokens = feats.history_tokens(history, mask, window=3)
     torch.testing.assert_close(tokens.parent, history[[0, 1, 2], [1, 4, 2]])
@@ -298,7 +298,7 @@ def test_child_decoder_is_swappable():
     gen = torch.Generator().manual_seed(0)
     history = random_states(5, gen)[:, None]
     states, prob = vae.predict_children(history, torch.ones(5, 1, dtype=torch.bool), gen)
-    assert states.shape == (5, 4, STATE_DIM)
+    assert states.shape == (5, 4, PACKED_DIM)
     torch.testing.assert_close(prob, torch.full((5, 4), torch.sigmoid(torch.tensor(3.0)).item()))
     for name in ("slots", "mlp"):
         other = GaussianVAE(tiny_config(decoder=name))

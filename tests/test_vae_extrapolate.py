@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from gvae_ns.gaussians import MEANS, OPACITY, QUATS, SCALES, SH_DC, STATE_DIM
+from gvae_ns.gaussians import MEANS, OPACITY, QUATS, SCALES, SH_DC, PACKED_DIM
 from gvae_ns.vae.extrapolate import extrapolate
 from gvae_ns.vae.model import GaussianVAE, GaussianVAEConfig, MLPDecoder, StreamConfig
 
@@ -39,7 +39,7 @@ def make_vae(slot0_bias: float, other_bias: float, weight_scale: float = 1.0, se
 
 def make_history(n: int, stages: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    h = torch.zeros(n, stages, STATE_DIM)
+    h = torch.zeros(n, stages, PACKED_DIM)
     h[..., MEANS] = torch.randn(n, 1, 3, generator=gen) * 2 + torch.randn(n, stages, 3, generator=gen) * 0.05
     h[..., QUATS] = torch.randn(n, stages, 4, generator=gen)
     h[..., SCALES] = -2 - 0.3 * torch.arange(stages).view(1, stages, 1) + torch.randn(n, stages, 3, generator=gen) * 0.2
@@ -64,7 +64,7 @@ def test_extrapolation_returns_valid_gaussians(steps):
     history, mask = make_history(40)
     start = newest(history, mask)
     res = extrapolate(vae, history, mask, steps=steps, max_new=60, seed=1)
-    assert res.refined.shape == (40, STATE_DIM) and res.alive.shape == (40,)
+    assert res.refined.shape == (40, PACKED_DIM) and res.alive.shape == (40,)
     m = res.added.shape[0]
     assert res.added_source.shape == (m,) and res.added_step.shape == (m,)
     assert 0 < m <= 60
@@ -117,7 +117,7 @@ def test_budget_caps_growth_and_zero_budget_only_refines():
     assert res.step_counts[1]["spawned"] == 0 and res.step_counts[1]["lineages"] == 55
     assert bool(res.alive.all())
     none = extrapolate(vae, history, mask, steps=2, max_new=0, seed=0)
-    assert none.added.shape == (0, STATE_DIM)
+    assert none.added.shape == (0, PACKED_DIM)
     assert not torch.equal(none.refined, newest(history, mask))
 
 
@@ -143,7 +143,7 @@ def test_each_step_feeds_its_output_back_as_the_newest_stage():
         out = vae(tokens, noise=vae.sample_noise(20, gen))
         children, _ = vae.children_from_output(out, tokens.parent)
         stage = torch.where(m, torch.arange(m.shape[1]), -1).amax(1)
-        h = torch.cat([h, torch.zeros(20, 1, STATE_DIM)], dim=1)
+        h = torch.cat([h, torch.zeros(20, 1, PACKED_DIM)], dim=1)
         m = torch.cat([m, torch.zeros(20, 1, dtype=torch.bool)], dim=1)
         h[torch.arange(20), stage + 1] = children[:, 0]
         m[torch.arange(20), stage + 1] = True
@@ -159,7 +159,7 @@ def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="exist_threshold"):
         extrapolate(vae, history, mask, exist_threshold=1.0)
     empty = extrapolate(vae, history[:0], mask[:0], steps=2)
-    assert empty.refined.shape == (0, STATE_DIM) and len(empty.step_counts) == 2
+    assert empty.refined.shape == (0, PACKED_DIM) and len(empty.step_counts) == 2
 
 
 def test_lineages_that_all_end_early_leave_an_empty_result_not_an_error(monkeypatch):

@@ -37,7 +37,6 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 import pytest
 import torch
-
 from tiny_runs import stop_process
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,9 +17,8 @@ from typing import Dict, Optional
 
 import msgspec
 import pytest
-from websockets.sync.client import connect
-
 from tiny_runs import BIN, run_env, stop_process, tiny_flags
+from websockets.sync.client import connect
 
 FLAGS = tiny_flags(vis=None)
 

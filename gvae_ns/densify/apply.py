@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from gvae_ns.densify.head import DensifyHead
-from gvae_ns.gaussians import STATE_DIM
+from gvae_ns.gaussians import PACKED_DIM
+
 
 @torch.no_grad()
 def densify(
@@ -28,8 +29,8 @@ def densify(
     Deterministic for given inputs on a given device."""
     if steps < 1:
         raise ValueError(f"densify: steps must be >= 1, got {steps}")
-    if states.dim() != 2 or states.shape[1] != STATE_DIM:
-        raise ValueError(f"densify: states must be [N, {STATE_DIM}], got {tuple(states.shape)}")
+    if states.dim() != 2 or states.shape[1] != PACKED_DIM:
+        raise ValueError(f"densify: states must be [N, {PACKED_DIM}], got {tuple(states.shape)}")
     n = states.shape[0]
     budget = n if max_new is None else int(max_new)
     if budget < 0:

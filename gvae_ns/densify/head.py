@@ -32,13 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gvae_ns.gaussians import MEANS, OPACITY, QUATS, SCALES, SH_DC, SH_REST, STATE_DIM
 from gvae_ns.densify.patch_attention import SerializedTransformer
 from gvae_ns.densify.serialization import CURVES, batch_to_offsets, offsets_to_batch
+from gvae_ns.gaussians import MEANS, OPACITY, QUATS, SCALES, SH_DC, SH_REST, PACKED_DIM
+from gvae_ns.quaternions import rotate
 
 _QUAT_STEP = 0.45
 """Per-component bound of the quaternion delta: its norm stays below 0.9 < |unit parent| = 1."""
-_ATTR_DIM = STATE_DIM - 3
+_ATTR_DIM = PACKED_DIM - 3
 """Width of the state without the means: quat, log-scale, opacity, SH DC, SH rest."""
 
 
@@ -92,13 +93,6 @@ class DensifyOutput:
     """Per layer but the last: ``[n_l * R]`` bool, the children densified again."""
 
 
-def quat_rotate(quats: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """Rotate ``vectors [..., 3]`` by unit quaternions ``[..., 4]`` (w, x, y, z)."""
-    w, u = quats[..., :1], quats[..., 1:]
-    t = 2.0 * torch.cross(u, vectors, dim=-1)
-    return vectors + w * t + torch.cross(u, t, dim=-1)
-
-
 def _mlp(inp: int, hidden: int, out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(inp, hidden), nn.GELU(), nn.Linear(hidden, out))
 
@@ -143,7 +137,7 @@ class DensifyLayer(nn.Module):
         feat = self.attention(feat, parent[:, MEANS], offsets)
         local = torch.tanh(self.offset_mlp(feat)).view(n, r, 3) * cfg.offset_sigmas
         unit = F.normalize(parent[:, QUATS], dim=-1)
-        world = quat_rotate(unit[:, None, :].expand(n, r, 4), local * parent[:, None, SCALES].exp())
+        world = rotate(unit[:, None, :].expand(n, r, 4), local * parent[:, None, SCALES].exp())
         child_feat = feat[:, None, :].expand(n, r, -1)
         child_feat = child_feat + self.feature_mlp(torch.cat([self.encode_offset(local), child_feat], dim=-1))
         child_feat = child_feat.reshape(n * r, -1)
@@ -168,7 +162,7 @@ class DensifyLayer(nn.Module):
                 (rep[:, SH_REST] + delta[:, 11:]).view(n, r, 45),
             ],
             dim=-1,
-        ).reshape(n * r, STATE_DIM)
+        ).reshape(n * r, PACKED_DIM)
         return child, child_feat, prob, hard
 
 
@@ -195,8 +189,8 @@ class DensifyHead(nn.Module):
         self.layers = nn.ModuleList(layers)
 
     def _check(self, state: torch.Tensor, feature: Optional[torch.Tensor]) -> None:
-        if state.dim() != 2 or state.shape[1] != STATE_DIM:
-            raise ValueError(f"DensifyHead: state must be [N, {STATE_DIM}] (gvae_ns.gaussians layout), got {tuple(state.shape)}")
+        if state.dim() != 2 or state.shape[1] != PACKED_DIM:
+            raise ValueError(f"DensifyHead: state must be [N, {PACKED_DIM}] (gvae_ns.gaussians layout), got {tuple(state.shape)}")
         if not bool(torch.isfinite(state).all()):
             raise ValueError("DensifyHead: state has NaN or inf entries; fix or drop those Gaussians before densifying")
         if state.shape[0] and float(state[:, QUATS].norm(dim=-1).min()) < 1e-12:
@@ -228,7 +222,7 @@ class DensifyHead(nn.Module):
             feat = feat + self.feature_proj(feature.to(feat.dtype))
         parent, source = state, torch.arange(n, device=state.device)
         out_states, out_source, out_layer = [], [], []
-        result = DensifyOutput(state.new_zeros(0, STATE_DIM), source[:0], source[:0])
+        result = DensifyOutput(state.new_zeros(0, PACKED_DIM), source[:0], source[:0])
         for index, layer in enumerate(self.layers):
             if parent.shape[0] == 0:
                 break

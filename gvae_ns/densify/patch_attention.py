@@ -19,7 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gvae_ns.densify.serialization import CURVES, Serialization, offsets_to_batch, serialize
+from gvae_ns.densify.serialization import (
+    CURVES,
+    Serialization,
+    offsets_to_batch,
+    serialize,
+)
 
 
 @dataclass

@@ -39,13 +39,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gvae_ns.gaussians import MEANS, STATE_DIM
+from gvae_ns.densify.head import DensifyHead, DensifyHeadConfig
+from gvae_ns.densify.serialization import CURVES, offsets_to_batch, serialize
+from gvae_ns.gaussians import MEANS, PACKED_DIM
 from gvae_ns.lineage.dataset import check_transitions
 from gvae_ns.tagged_file import FileFormat, Provenance, load_tagged, save_tagged
-from gvae_ns.densify.head import DensifyHead, DensifyHeadConfig
-from gvae_ns.vae.features import REL_LOG_SCALE, REL_OFFSET, REL_OPACITY, REL_RGB, newest_index, relative_features
+from gvae_ns.vae.features import (
+    REL_LOG_SCALE,
+    REL_OFFSET,
+    REL_OPACITY,
+    REL_RGB,
+    newest_index,
+    relative_features,
+)
 from gvae_ns.vae.losses import chamfer_distance, masked_mse
-from gvae_ns.densify.serialization import CURVES, offsets_to_batch, serialize
 
 """File name of the trained head beside a run (``<run>/densify_head.pt``)."""
 FORMAT_NAME = "gvae_ns.densify_head"
@@ -110,7 +117,7 @@ def _pad_leaves(states: Tensor, source: Tensor, num_parents: int) -> Tuple[Tenso
     order = torch.argsort(source, stable=True)
     parent = source[order]
     rank = torch.arange(order.numel(), device=source.device) - (counts.cumsum(0) - counts)[parent]
-    padded = states.new_zeros(num_parents, width, STATE_DIM).index_put((parent, rank), states[order])
+    padded = states.new_zeros(num_parents, width, PACKED_DIM).index_put((parent, rank), states[order])
     mask = torch.zeros(num_parents, width, dtype=torch.bool, device=source.device)
     mask[parent, rank] = True
     return padded, mask

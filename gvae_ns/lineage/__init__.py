@@ -6,7 +6,14 @@
 * :mod:`~gvae_ns.lineage.report`: the ``gvae-lineage`` summary CLI.
 """
 
-from gvae_ns.lineage.dataset import TransitionSet, ancestor_rows, build_transitions, depths, final_histories, transition_pairs
+from gvae_ns.lineage.dataset import (
+    TransitionSet,
+    ancestor_rows,
+    build_transitions,
+    depths,
+    final_histories,
+    transition_pairs,
+)
 from gvae_ns.lineage.format import (
     ALIVE,
     CLONE,

@@ -15,7 +15,7 @@ from typing import Any, List, Tuple, Union
 import torch
 from torch import Tensor
 
-from gvae_ns.gaussians import OPACITY, STATE_DIM
+from gvae_ns.gaussians import OPACITY, PACKED_DIM
 from gvae_ns.lineage.format import Lineage
 
 
@@ -129,7 +129,7 @@ class _Snapshots:
     def histories(self, k: int) -> Tuple[Tensor, Tensor]:
         """Ancestor-chain states of snapshot ``k``'s Gaussians at snapshots 0..k."""
         rows = self.rows[k]
-        hist = torch.zeros(rows.shape[0], self.count, STATE_DIM)
+        hist = torch.zeros(rows.shape[0], self.count, PACKED_DIM)
         mask = torch.zeros(rows.shape[0], self.count, dtype=torch.bool)
         for t in range(k + 1):
             anc = self.anc[t][rows]
@@ -169,7 +169,7 @@ def build_transitions(lineage: Lineage, max_children: int = 4) -> TransitionSet:
         rank = torch.arange(g.shape[0]) - starts[g]
         keep = rank < c
         overflow += int((~keep).sum())
-        children = torch.zeros(n, c, STATE_DIM)
+        children = torch.zeros(n, c, PACKED_DIM)
         cmask = torch.zeros(n, c, dtype=torch.bool)
         cids = torch.full((n, c), -1, dtype=torch.long)
         gk, rk, ok = g[keep], rank[keep], order[keep]
@@ -181,9 +181,9 @@ def build_transitions(lineage: Lineage, max_children: int = 4) -> TransitionSet:
         )
     if not parts:
         return TransitionSet(
-            history=torch.zeros(0, s_count, STATE_DIM),
+            history=torch.zeros(0, s_count, PACKED_DIM),
             history_mask=torch.zeros(0, s_count, dtype=torch.bool),
-            children=torch.zeros(0, c, STATE_DIM),
+            children=torch.zeros(0, c, PACKED_DIM),
             children_mask=torch.zeros(0, c, dtype=torch.bool),
             stage=torch.zeros(0, dtype=torch.long),
             parent_ids=torch.zeros(0, dtype=torch.long),
@@ -221,14 +221,14 @@ def check_transitions(transitions: Any) -> Tuple[Tensor, Tensor, Tensor, Tensor,
     n = history.shape[0]
     if n == 0:
         raise ValueError("transitions: the set is empty; record at least two stages of lineage first")
-    if history.ndim != 3 or history.shape[2] != STATE_DIM:
-        raise ValueError(f"transitions.history: expected [N, S, {STATE_DIM}], got {tuple(history.shape)}")
+    if history.ndim != 3 or history.shape[2] != PACKED_DIM:
+        raise ValueError(f"transitions.history: expected [N, S, {PACKED_DIM}], got {tuple(history.shape)}")
     if history_mask.shape != history.shape[:2]:
         raise ValueError(
             f"transitions.history_mask: expected {tuple(history.shape[:2])}, got {tuple(history_mask.shape)}"
         )
-    if children.ndim != 3 or children.shape[0] != n or children.shape[2] != STATE_DIM:
-        raise ValueError(f"transitions.children: expected [{n}, C, {STATE_DIM}], got {tuple(children.shape)}")
+    if children.ndim != 3 or children.shape[0] != n or children.shape[2] != PACKED_DIM:
+        raise ValueError(f"transitions.children: expected [{n}, C, {PACKED_DIM}], got {tuple(children.shape)}")
     if children_mask.shape != children.shape[:2]:
         raise ValueError(
             f"transitions.children_mask: expected {tuple(children.shape[:2])}, got {tuple(children_mask.shape)}"

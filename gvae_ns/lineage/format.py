@@ -43,7 +43,7 @@ concatenated; snapshot ``k`` is rows ``snapshot_offsets[k]:snapshot_offsets[k + 
 ``snapshot_step``      int64          [K]      training step at which it was taken
 ``snapshot_offsets``   int64          [K + 1]  row offsets, 0 first and T last
 ``snapshot_ids``       int64          [T]      Gaussian id of each row (in the event table)
-``snapshot_state``     float32/16     [T, 59]  :func:`gvae_ns.gaussians.pack_state` layout
+``snapshot_state``     float32/16     [T, 59]  :func:`gvae_ns.gaussians.pack_gaussians` layout
 ``snapshot_grad2d``    float32        [T]      mean view-space gradient norm accumulated by the
                                                strategy since its last refinement (0 if none)
 ``snapshot_count``     float32        [T]      number of visible views behind that mean
@@ -67,7 +67,7 @@ import torch
 from torch import Tensor
 
 from gvae_ns.atomic import atomic_write
-from gvae_ns.gaussians import MEANS, OPACITY, QUATS, SCALES, SH_DC, SH_REST, STATE_DIM
+from gvae_ns.gaussians import MEANS, OPACITY, QUATS, SCALES, SH_DC, SH_REST, PACKED_DIM
 
 FORMAT_NAME = "gvae_ns.lineage"
 FORMAT_VERSION = 1
@@ -224,8 +224,8 @@ def _validate(lin: Lineage, where: str) -> None:
         _fail(where, f"'snapshot_offsets' must rise from 0 to the {t} snapshot rows, got {off.tolist()}")
     if lin.snapshot_ids.dtype != torch.int64 or lin.snapshot_ids.dim() != 1:
         _fail(where, f"'snapshot_ids' must be 1-D int64, got {lin.snapshot_ids.dtype} {tuple(lin.snapshot_ids.shape)}")
-    if lin.snapshot_state.shape != (t, STATE_DIM) or not lin.snapshot_state.is_floating_point():
-        _fail(where, f"'snapshot_state' must be float of shape [{t}, {STATE_DIM}], got {lin.snapshot_state.dtype} {tuple(lin.snapshot_state.shape)}")
+    if lin.snapshot_state.shape != (t, PACKED_DIM) or not lin.snapshot_state.is_floating_point():
+        _fail(where, f"'snapshot_state' must be float of shape [{t}, {PACKED_DIM}], got {lin.snapshot_state.dtype} {tuple(lin.snapshot_state.shape)}")
     for name in ("snapshot_grad2d", "snapshot_count"):
         col = getattr(lin, name)
         if col.shape != (t,) or col.dtype != torch.float32:
@@ -300,7 +300,7 @@ def save_lineage(lineage: Lineage, path: Union[str, Path], *, float16: bool = Fa
     lineage.validate(where=f"refusing to write {path}")
     state = lineage.snapshot_state.float()
     if float16:
-        too_big = state.abs().amax(dim=0) > _FLOAT16_MAX if state.shape[0] else torch.zeros(STATE_DIM, dtype=torch.bool)
+        too_big = state.abs().amax(dim=0) > _FLOAT16_MAX if state.shape[0] else torch.zeros(PACKED_DIM, dtype=torch.bool)
         for name, sl in _STATE_FIELDS.items():
             if bool(too_big[sl].any()):
                 raise ValueError(f"{path}: snapshot field '{name}' exceeds the float16 range (|x| > {_FLOAT16_MAX}); save with float16=False")

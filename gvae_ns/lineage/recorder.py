@@ -35,7 +35,7 @@ import torch
 from gsplat.strategy import DefaultStrategy
 from torch import Tensor
 
-from gvae_ns.gaussians import STATE_DIM, pack_state
+from gvae_ns.gaussians import PACKED_DIM, pack_gaussians
 from gvae_ns.lineage.format import (
     ALIVE,
     CLONE,
@@ -239,7 +239,7 @@ class LineageRecorder:
             "stage": int(stage),
             "step": int(step),
             "ids": ids.cpu().clone(),
-            "state": pack_state(params).detach().to("cpu", self.snapshot_dtype),
+            "state": pack_gaussians(params).detach().to("cpu", self.snapshot_dtype),
             "grad2d": mean_grad,
             "count": count,
         }
@@ -337,7 +337,7 @@ class LineageRecorder:
             "snapshot_step": torch.tensor([s["step"] for s in snaps], dtype=torch.int64),
             "snapshot_offsets": offsets,
             "snapshot_ids": cat("ids", torch.zeros(0, dtype=torch.int64)),
-            "snapshot_state": cat("state", torch.zeros(0, STATE_DIM)).to(dtype),
+            "snapshot_state": cat("state", torch.zeros(0, PACKED_DIM)).to(dtype),
             "snapshot_grad2d": cat("grad2d", torch.zeros(0)),
             "snapshot_count": cat("count", torch.zeros(0)),
         }

@@ -20,7 +20,17 @@ from gvae_ns.atomic import atomic_write
 from gvae_ns.console import say
 from gvae_ns.gaussians import OPACITY, SCALES
 from gvae_ns.lineage.dataset import build_transitions, depths, transition_pairs
-from gvae_ns.lineage.format import ALIVE, CLONE, PRUNED, SEED, SPLIT, SPLIT_REPLACED, Lineage, LineageFormatError, load_lineage
+from gvae_ns.lineage.format import (
+    ALIVE,
+    CLONE,
+    PRUNED,
+    SEED,
+    SPLIT,
+    SPLIT_REPLACED,
+    Lineage,
+    LineageFormatError,
+    load_lineage,
+)
 
 JSON_NAME = "lineage_report.json"
 PNG_NAME = "lineage_report.png"

@@ -22,7 +22,12 @@ from gvae_ns.console import say
 from gvae_ns.progress import phase
 from gvae_ns.refine.decoder import decoder_class, decoder_for_run
 from gvae_ns.refine.refiner import MAX_STAGES, Refiner, RunState, check_lineage
-from gvae_ns.refine.result import Refinement, RefinementUnavailable, rebuild_hint, save_refinement
+from gvae_ns.refine.result import (
+    Refinement,
+    RefinementUnavailable,
+    rebuild_hint,
+    save_refinement,
+)
 from gvae_ns.refine.score import ScoringViews, score_gaussians
 from gvae_ns.run_layout import REFINEMENT_FILE, RunLayout
 from gvae_ns.tagged_file import TaggedFileError

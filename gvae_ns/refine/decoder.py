@@ -25,7 +25,12 @@ from torch import Tensor
 from gvae_ns.console import say
 from gvae_ns.densify.apply import densify
 from gvae_ns.densify.head import DensifyHead
-from gvae_ns.densify.train import DensifyTrainConfig, load_densify_head, save_densify_head, train_densify_head
+from gvae_ns.densify.train import (
+    DensifyTrainConfig,
+    load_densify_head,
+    save_densify_head,
+    train_densify_head,
+)
 from gvae_ns.lineage.dataset import build_transitions
 from gvae_ns.lineage.format import Lineage
 from gvae_ns.progress import phase

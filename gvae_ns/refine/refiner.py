@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from gvae_ns.gaussians import PARAM_KEYS, pack_state, unpack_state
+from gvae_ns.gaussians import PARAM_KEYS, pack_gaussians, unpack_gaussians
 from gvae_ns.lineage.dataset import final_histories
 from gvae_ns.lineage.format import Lineage
 from gvae_ns.refine.decoder import Decoder
@@ -81,7 +81,7 @@ class Refiner:
             )
         self.decoder = decoder
         self.history, self.history_mask = history, mask
-        self.states = pack_state({k: run.params[k].detach() for k in PARAM_KEYS}).cpu()
+        self.states = pack_gaussians({k: run.params[k].detach() for k in PARAM_KEYS}).cpu()
         self.sh_rest_coeffs = int(run.params["features_rest"].shape[1])
         self.scores = scores
         self.fraction = fraction
@@ -109,7 +109,7 @@ class Refiner:
         all_states = torch.cat([states[keep], proposal.added], dim=0)
         is_new = torch.zeros(all_states.shape[0], dtype=torch.bool)
         is_new[int(keep.sum()):] = True
-        params = {k: v.contiguous() for k, v in unpack_state(all_states, self.sh_rest_coeffs).items()}
+        params = {k: v.contiguous() for k, v in unpack_gaussians(all_states, self.sh_rest_coeffs).items()}
         refinement = Refinement(params=params, is_new=is_new, selected=chosen, removed=(~keep).nonzero().flatten(),
                                 scores=self.scores, num_original=states.shape[0], steps=int(stages), select=select,
                                 decoder=self.decoder.name, provenance=self.provenance)

@@ -42,7 +42,15 @@ import torch
 
 from gvae_ns.gaussians import PARAM_KEYS
 from gvae_ns.run_layout import CONFIG_FILE, DECODER_FILES, REFINEMENT_FILE
-from gvae_ns.tagged_file import FileFormat, Provenance, TaggedFileError, digest_config, digest_tensors, load_tagged, save_tagged
+from gvae_ns.tagged_file import (
+    FileFormat,
+    Provenance,
+    TaggedFileError,
+    digest_config,
+    digest_tensors,
+    load_tagged,
+    save_tagged,
+)
 
 REFINEMENT_FORMAT = "gvae_ns.refinement"
 REFINEMENT_VERSION = 2
@@ -185,7 +193,9 @@ def _config_exclude(config: Any) -> Tuple[str, ...]:
     post-training settings (every field splatfacto lacks, except the stage schedule and the lineage
     format, which shape the trained scene; splatfacto's ``refine_every`` and friends are densification
     settings and stay in)."""
-    from nerfstudio.models.splatfacto import SplatfactoModelConfig  # nerfstudio's model module is slow to import
+    from nerfstudio.models.splatfacto import (
+        SplatfactoModelConfig,  # nerfstudio's model module is slow to import
+    )
 
     splatfacto = {f.name for f in dataclasses.fields(SplatfactoModelConfig)}
     shaping = ("stage_downscales", "stage_steps", "lineage_float16")

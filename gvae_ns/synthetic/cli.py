@@ -7,6 +7,7 @@ from pathlib import Path
 
 import tyro
 
+from gvae_ns.console import say
 from gvae_ns.synthetic.writer import write_scene
 
 
@@ -41,7 +42,7 @@ def main() -> None:
         )
     except ValueError as err:
         raise SystemExit(f"gvae-synthetic: {err}") from None
-    print(
+    say(
         f"Wrote {cfg.n_train}/{cfg.n_val}/{cfg.n_test} train/val/test views at {cfg.resolution}px and "
         f"{cfg.n_points} ground-truth points to {out}.\n"
         f"Train with: ns-train gaussianvae --data {out} blender-data"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+
 @dataclass
 class StreamConfig:
     """Sizes of one stream (geometry or appearance)."""

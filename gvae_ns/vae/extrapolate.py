@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
-from gvae_ns.gaussians import STATE_DIM
+from gvae_ns.gaussians import PACKED_DIM
 from gvae_ns.vae.features import right_align, tokens_from_aligned
 from gvae_ns.vae.model import GaussianVAE
 
@@ -48,9 +48,9 @@ class ExtrapolationResult:
 def _empty_result(history: Tensor, steps: int) -> ExtrapolationResult:
     dev = history.device
     return ExtrapolationResult(
-        refined=history.new_zeros(0, STATE_DIM),
+        refined=history.new_zeros(0, PACKED_DIM),
         alive=torch.zeros(0, dtype=torch.bool, device=dev),
-        added=history.new_zeros(0, STATE_DIM),
+        added=history.new_zeros(0, PACKED_DIM),
         added_source=torch.zeros(0, dtype=torch.long, device=dev),
         added_step=torch.zeros(0, dtype=torch.long, device=dev),
         step_counts=[
@@ -115,7 +115,7 @@ def extrapolate(
         for step in range(1, steps + 1):
             lineages = states.shape[0]
             noise_geo, noise_app = vae.sample_noise(lineages, generator, temperature)
-            cont = states.new_empty(lineages, STATE_DIM)
+            cont = states.new_empty(lineages, PACKED_DIM)
             prob0 = states.new_empty(lineages)
             cand_rows, cand_states, cand_prob = [], [], []
             for lo in range(0, lineages, chunk_size):

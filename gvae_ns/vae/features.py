@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gvae_ns.gaussians import MEANS, OPACITY, QUATS, SCALES, SH_DC, SH_REST, STATE_DIM
+from gvae_ns.gaussians import MEANS, OPACITY, QUATS, SCALES, SH_DC, SH_REST, PACKED_DIM
 from gvae_ns.quaternions import conjugate as quat_conjugate
 from gvae_ns.quaternions import multiply as quat_multiply
 from gvae_ns.quaternions import normalize as normalize_quat
@@ -59,8 +59,8 @@ opacity and split-vs-clone on shape, so both streams need both to predict the ex
 
 
 def _check_state(x: Tensor, name: str) -> None:
-    if x.shape[-1] != STATE_DIM:
-        raise ValueError(f"{name}: expected {STATE_DIM} state floats in the last dim, got shape {tuple(x.shape)}")
+    if x.shape[-1] != PACKED_DIM:
+        raise ValueError(f"{name}: expected {PACKED_DIM} state floats in the last dim, got shape {tuple(x.shape)}")
 
 
 def _parent_unit(parent: Tensor) -> Tensor:
@@ -161,7 +161,7 @@ def right_align(history: Tensor, history_mask: Tensor, window: int) -> tuple[Ten
     valid = source >= 0
     source = source.clamp_min(0)
     mask = valid & torch.gather(history_mask, 1, source)
-    states = torch.gather(history, 1, source[..., None].expand(-1, -1, STATE_DIM))
+    states = torch.gather(history, 1, source[..., None].expand(-1, -1, PACKED_DIM))
     states = torch.where(mask[..., None], states, torch.zeros((), dtype=states.dtype, device=states.device))
     return states, mask
 
