@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from nerfstudio.configs.method_configs import all_methods
+from nerfstudio.data.dataparsers.blender_dataparser import BlenderDataParserConfig
 from nerfstudio.engine.callbacks import TrainingCallbackLocation
 
 from gvae_ns import render
@@ -53,8 +54,7 @@ def make_trainer(data: Path, gaussians: int, steps: int, output: Path):
     model.background_color = "white"
     model.warmup_length = 10**9  # densification statistics gathered, no clone/split/prune in the timed steps
     config.pipeline.datamanager.data = data
-    config.pipeline.datamanager.dataparser.data = data
-    config.pipeline.datamanager.cache_images = "cpu"
+    config.pipeline.datamanager.dataparser = BlenderDataParserConfig(data=data)
     config.set_timestamp()
     trainer = config.setup(local_rank=0, world_size=1)
     trainer.setup()

@@ -40,18 +40,8 @@ def project_gaussians(
     covars_c = torch.einsum("cij,njk,clk->cnil", R, covars, R)  # [C, N, 3, 3]
     x, y, z = means_c.unbind(-1)
 
-    depth_ok = (z >= near_plane) & (z <= far_plane) & (z != 0)
-    z_safe = torch.where(depth_ok, z, torch.ones_like(z))
-    fx, fy = Ks[:, 0, 0, None], Ks[:, 1, 1, None]
-    cx, cy = Ks[:, 0, 2, None], Ks[:, 1, 2, None]
-    tan_fovx = 0.5 * width / fx
-    tan_fovy = 0.5 * height / fy
-    lim_x_pos = (width - cx) / fx + 0.3 * tan_fovx
-    lim_x_neg = cx / fx + 0.3 * tan_fovx
-    lim_y_pos = (height - cy) / fy + 0.3 * tan_fovy
-    lim_y_neg = cy / fy + 0.3 * tan_fovy
-    tx = z_safe * torch.minimum(lim_x_pos, torch.maximum(-lim_x_neg, x / z_safe))
-    ty = z_safe * torch.minimum(lim_y_pos, torch.maximum(-lim_y_neg, y / z_safe))
+    depth_ok, z_safe, (fx, fy, cx, cy), tx, ty = _clamped_camera_point(x, y, z, Ks, width, height, near_plane,
+                                                                       far_plane)
     zero = torch.zeros_like(z)
     J = torch.stack(
         [fx / z_safe, zero, -fx * tx / z_safe**2, zero, fy / z_safe, -fy * ty / z_safe**2], dim=-1
@@ -60,34 +50,7 @@ def project_gaussians(
     means2d = torch.stack([fx * x / z_safe + cx, fy * y / z_safe + cy], dim=-1)
 
     a, b, c = cov2d[..., 0, 0], 0.5 * (cov2d[..., 0, 1] + cov2d[..., 1, 0]), cov2d[..., 1, 1]
-    det_orig = a * c - b * b
-    a, c = a + eps2d, c + eps2d
-    det = a * c - b * b
-    det_ok = det > 0
-    det_safe = torch.where(det_ok, det, torch.ones_like(det))
-    conics = torch.stack([c / det_safe, -b / det_safe, a / det_safe], dim=-1)
-    compensations = None
-    if calc_compensations:
-        ratio = det_orig / det_safe
-        pos = ratio > 0
-        compensations = torch.where(pos, torch.sqrt(torch.where(pos, ratio, torch.ones_like(ratio))), zero)
-
-    with torch.no_grad():
-        half_trace = 0.5 * (a + c)
-        v1 = half_trace + torch.sqrt(torch.clamp(half_trace**2 - det, min=0.01))
-        radius = torch.ceil(3.0 * torch.sqrt(v1))
-        mx, my = means2d.unbind(-1)
-        visible = (
-            depth_ok
-            & det_ok
-            & (radius > radius_clip)
-            & (mx + radius > 0)
-            & (mx - radius < width)
-            & (my + radius > 0)
-            & (my - radius < height)
-        )
-        radii = torch.where(visible, radius, torch.zeros_like(radius)).to(torch.int32)
-    return Projection(radii, means2d, z, conics, compensations)
+    return _blurred_projection(a, b, c, means2d, z, depth_ok, width, height, eps2d, radius_clip, calc_compensations)
 
 
 def project_gaussians_fast(
@@ -113,6 +76,24 @@ def project_gaussians_fast(
 
     c00, c01, c02, c11, c12, c22 = cc(0, 0), cc(0, 1), cc(0, 2), cc(1, 1), cc(1, 2), cc(2, 2)
 
+    depth_ok, z_safe, (fx, fy, cx, cy), tx, ty = _clamped_camera_point(x, y, z, Ks, width, height, near_plane,
+                                                                       far_plane)
+    # J = [[j00, 0, j02], [0, j11, j12]]
+    j00, j11 = fx / z_safe, fy / z_safe
+    j02, j12 = -fx * tx / z_safe**2, -fy * ty / z_safe**2
+    a = j00 * j00 * c00 + 2 * j00 * j02 * c02 + j02 * j02 * c22
+    b = j00 * j11 * c01 + j00 * j12 * c02 + j02 * j11 * c12 + j02 * j12 * c22
+    c = j11 * j11 * c11 + 2 * j11 * j12 * c12 + j12 * j12 * c22
+    means2d = torch.stack([fx * x / z_safe + cx, fy * y / z_safe + cy], dim=-1)
+
+    return _blurred_projection(a, b, c, means2d, z, depth_ok, width, height, eps2d, radius_clip, calc_compensations)
+
+
+def _clamped_camera_point(x: Tensor, y: Tensor, z: Tensor, Ks: Tensor, width: int, height: int, near_plane: float,
+                          far_plane: float):
+    """What both projections need of camera-space centres ``x, y, z [C, N]``: the near/far mask, a safe depth,
+    the intrinsics ``(fx, fy, cx, cy)`` as ``[C, 1]`` and the centre clamped to 1.3x the field of view (where
+    gsplat evaluates the perspective Jacobian)."""
     depth_ok = (z >= near_plane) & (z <= far_plane) & (z != 0)
     z_safe = torch.where(depth_ok, z, torch.ones_like(z))
     fx, fy = Ks[:, 0, 0, None], Ks[:, 1, 1, None]
@@ -125,14 +106,14 @@ def project_gaussians_fast(
     lim_y_neg = cy / fy + 0.3 * tan_fovy
     tx = z_safe * torch.minimum(lim_x_pos, torch.maximum(-lim_x_neg, x / z_safe))
     ty = z_safe * torch.minimum(lim_y_pos, torch.maximum(-lim_y_neg, y / z_safe))
-    # J = [[j00, 0, j02], [0, j11, j12]]
-    j00, j11 = fx / z_safe, fy / z_safe
-    j02, j12 = -fx * tx / z_safe**2, -fy * ty / z_safe**2
-    a = j00 * j00 * c00 + 2 * j00 * j02 * c02 + j02 * j02 * c22
-    b = j00 * j11 * c01 + j00 * j12 * c02 + j02 * j11 * c12 + j02 * j12 * c22
-    c = j11 * j11 * c11 + 2 * j11 * j12 * c12 + j12 * j12 * c22
-    means2d = torch.stack([fx * x / z_safe + cx, fy * y / z_safe + cy], dim=-1)
+    return depth_ok, z_safe, (fx, fy, cx, cy), tx, ty
 
+
+def _blurred_projection(a: Tensor, b: Tensor, c: Tensor, means2d: Tensor, depths: Tensor, depth_ok: Tensor,
+                        width: int, height: int, eps2d: float, radius_clip: float,
+                        calc_compensations: bool) -> Projection:
+    """From the 2D covariance ``[[a, b], [b, c]]``: the ``eps2d`` blur, conics, anti-aliasing compensation,
+    the 3-sigma radius and the culling (both projections end here)."""
     det_orig = a * c - b * b
     a, c = a + eps2d, c + eps2d
     det = a * c - b * b
@@ -155,7 +136,7 @@ def project_gaussians_fast(
             & (px + radius > 0) & (px - radius < width) & (py + radius > 0) & (py - radius < height)
         )
         radii = torch.where(visible, radius, torch.zeros_like(radius)).to(torch.int32)
-    return Projection(radii, means2d, z, conics, compensations)
+    return Projection(radii, means2d, depths, conics, compensations)
 
 
 def world_to_camera(camera_to_worlds: Tensor) -> Tensor:
