@@ -87,6 +87,9 @@ class GaussianVAEModelConfig(SplatfactoModelConfig):
     """Fraction of Gaussians the selection keeps (ignored for 'all')."""
     decoder_steps: int = 1500
     """Optimiser steps of the decoder (the lineage VAE) fitted on the lineage after training."""
+    finetune_steps: int = 200
+    """Steps of the sub-pixel fine-tune of the refinement after training (0: none); it is kept only if it does not
+    raise the loss on the held-out views (see gvae_ns/refine/finetune.py)."""
     show_refined: bool = True
     """Whether the viewer and exporter see the refined Gaussians when a refinement exists (the environment
     variable GVAE_REFINED=0 overrides it, e.g. for ``GVAE_REFINED=0 ns-export gaussian-splat ...``)."""

@@ -118,6 +118,9 @@ def check_refine_options(model, schedule: StageSchedule, expected_gaussians: int
     if not 0.0 < float(model.extrapolate_fraction) <= 1.0:
         raise RunConfigError(f"--pipeline.model.extrapolate-fraction is {model.extrapolate_fraction}: it is the "
                              f"share of Gaussians refined and must be in (0, 1]{fix_off}.")
+    if int(model.finetune_steps) < 0:
+        raise RunConfigError(f"--pipeline.model.finetune-steps is {model.finetune_steps}: 0 (no fine-tune) or more"
+                             f"{fix_off}.")
     if int(model.decoder_steps) < 1:
         raise RunConfigError(f"--pipeline.model.decoder-steps is {model.decoder_steps}: the decoder needs at "
                              f"least one optimiser step{fix_off}.")
@@ -268,6 +271,7 @@ class GaussianVAETrainer(Trainer):
             select=model.config.extrapolate_select,
             fraction=model.config.extrapolate_fraction,
             decoder_steps=model.config.decoder_steps,
+            finetune_steps=model.config.finetune_steps,
             retrain_decoder=True,
         )
         with self.train_lock:

@@ -32,7 +32,9 @@ or decoder is missing (:class:`~gvae_ns.refine.result.RefinementUnavailable`).
 
 The controls are handed what they need: ``ns-train`` passes the :class:`~gvae_ns.refine.refiner.Refiner` that
 made the refinement (:meth:`RefinementControls.use_refiner`); after ``ns-viewer`` loads a run, the first
-change builds one from the run's decoder file and the scores stored in ``refinement.pt``.
+change builds one from the run's decoder file and the scores stored in ``refinement.pt``. Stage counts and
+selections made in the viewer are the decoder's proposals under the refiner's rule, without the sub-pixel
+fine-tune (``gvae-refine`` makes and checks that one).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from torch import nn
 from gvae_ns.refine.cli import load_refiner
 from gvae_ns.refine.refiner import MAX_STAGES, Refiner
 from gvae_ns.refine.result import RefinementUnavailable
-from gvae_ns.run_layout import REFINEMENT_FILE, RunLayout
+from gvae_ns.run_layout import DECODER_FILES, REFINEMENT_FILE, RunLayout
 
 if TYPE_CHECKING:
     from nerfstudio.viewer.viewer import Viewer
@@ -285,8 +287,9 @@ def _unavailable_reason(model: Any, refiner: Optional[Refiner]) -> Optional[str]
         run_dir = model.config.run_dir
         record = getattr(model, "refinement_record", None)
         decoder = record.decoder if record is not None else "temporal"
-        if run_dir is None or not RunLayout(Path(run_dir)).decoder(decoder).is_file():
-            return f"no trained decoder ({RunLayout(Path('.')).decoder(decoder).name}) beside the run: run gvae-refine first"
+        learned = decoder in DECODER_FILES  # the 3DGS-split control has no file
+        if learned and (run_dir is None or not RunLayout(Path(run_dir)).decoder(decoder).is_file()):
+            return f"no trained decoder ({DECODER_FILES[decoder]}) beside the run: run gvae-refine first"
         if record is None or not record.scores:
             return f"no selection scores in {REFINEMENT_FILE}: run gvae-refine first"
     return None

@@ -287,3 +287,28 @@ def test_old_gvae_refine_flag_names_still_work_and_say_the_new_ones(capsys):
     assert (config.stages, config.decoder_steps, config.retrain_decoder) == (2, 9, True)
     out = " ".join(capsys.readouterr().out.split())
     assert "--steps is deprecated, use --stages" in out and "--vae-steps is deprecated" in out
+
+
+@pytest.mark.parametrize("decoder", ["split", "none"])
+def test_controls_refine_with_the_fine_tune_and_the_held_out_check(capsys, run, tmp_path, decoder):
+    """The no-learning controls go through the same path: no decoder file, the fine-tune, the held-out check."""
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    from gvae_ns.run_layout import REFINEMENT_FILE
+
+    copy = copy_run(run, tmp_path)
+    for name in ("vae.pt", "densify_head.pt"):
+        (copy / name).unlink(missing_ok=True)
+    code, out, err = cli(capsys, "--load-config", copy / "config.yml", "--decoder", decoder, "--finetune-steps", "5")
+    assert code == 0, err
+    out = " ".join(out.split())
+    assert "fine-tuned 5 steps; held-out loss over" in out and ("kept" in out)
+    assert not (copy / "vae.pt").exists() and not (copy / "densify_head.pt").exists(), "a control trains nothing"
+    _, pipeline, _, _ = eval_setup(copy / "config.yml", test_mode="inference")
+    record = pipeline.model.refinement_record
+    assert record is not None and record.decoder == decoder
+    if decoder == "none" or "not kept" in out:
+        assert record.num_added == 0 and record.removed.numel() == 0
+    else:
+        assert record.num_added == 2 * record.removed.numel() > 0
+    assert (copy / REFINEMENT_FILE).is_file()

@@ -37,6 +37,7 @@ def tiny_flags(num_random: int = 600, stage_steps: Sequence[int] = (20, 20, 30),
         "--pipeline.model.refine-every", str(every),
         "--pipeline.model.decoder-steps", str(decoder_steps),
         "--pipeline.model.extrapolate-fraction", "0.2",
+        "--pipeline.model.finetune-steps", "0",  # the fine-tune has its own tests (test_refine_cli, test_refiner)
         "--steps-per-eval-image", "1000",
         "--steps-per-eval-all-images", "100000",
     ]

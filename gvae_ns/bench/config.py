@@ -77,10 +77,12 @@ class BenchConfig:
     """Extrapolation stages past the finest trained stage to evaluate (each of 1..4 gives a row per selection)."""
     refine_selects: Tuple[Literal["all", "hessian", "grad"], ...] = ("all", "hessian")
     """Selections to evaluate: 'all' is "Ours", 'hessian' is "Ours-nabla2"."""
-    refine_decoders: Tuple[Literal["temporal", "generative"], ...] = ("temporal",)
+    refine_decoders: Tuple[Literal["temporal", "generative", "split", "none"], ...] = ("temporal",)
     """Refinement decoders to evaluate, each with every selection and step count: 'temporal' is the lineage VAE
     (<run>/vae.pt), 'generative' the serialized-attention densification head (<run>/densify_head.pt), rows
-    "Ours (GD head) +k"."""
+    "Ours (GD head) +k"; 'split' the no-learning control, 3DGS's split of the same selection, rows
+    "control: 3DGS split of ... +k"; 'none' the fine-tune-only control (no proposals), rows "control: fine-tune
+    only at +k" (one per k, whatever the selections)."""
     refine_fraction: float = 0.1
     """Fraction of Gaussians the hessian / grad selection keeps."""
     refine_args: str = ""
@@ -156,7 +158,8 @@ class RowSpec:
     refine_select: Optional[str] = None
     """Selection mode of the refinement."""
     refine_decoder: Optional[str] = None
-    """Decoder of the refinement: 'temporal' (lineage VAE) or 'generative' (densification head)."""
+    """Decoder of the refinement: 'temporal' (lineage VAE), 'generative' (densification head), 'split' or 'none'
+    (the controls)."""
 
 
 class BenchError(ValueError):

@@ -12,12 +12,15 @@ import numpy as np
 import torch
 
 from gvae_ns.bench.config import BenchConfig, BenchError, RowSpec, RunSpec, read_json
+from gvae_ns.console import say
 from gvae_ns.datasets import check_blender_dir, downscale_blender, write_json
 from gvae_ns.synthetic import write_scene
 
 _SELECT_LABEL = {"all": "Ours", "hessian": "Ours-nabla2", "grad": "Ours-grad"}
-_DECODER_TAG = {"temporal": ("", ""), "generative": ("-gd", " (GD head)")}
+_DECODER_TAG = {"temporal": ("", ""), "generative": ("-gd", " (GD head)"), "split": ("-split", " (3DGS split, no learning)"),
+                "none": ("-ft", " (fine-tune only)")}
 """Row id suffix and label tag of each refinement decoder (temporal rows keep the ids they had before)."""
+_SPLIT_SELECTION = {"all": "the whole scene", "hessian": "the Hessian selection", "grad": "the gradient selection"}
 
 
 # ------------------------------------------------------------------------------------------------- planning
@@ -81,8 +84,13 @@ def plan(cfg: BenchConfig, data: Path, lowres: Dict[int, Path]) -> Tuple[List[Ru
             for decoder in cfg.refine_decoders:
                 suffix, tag = _DECODER_TAG[decoder]
                 for k in cfg.extrapolate_stages:
-                    for select in cfg.refine_selects:
+                    # the fine-tune-only control proposes nothing: the selection does not matter, one row per k
+                    for select in cfg.refine_selects[:1] if decoder == "none" else cfg.refine_selects:
                         label = f"{_SELECT_LABEL[select]}{tag} +{k}"
+                        if decoder == "split":  # the no-learning controls are not "ours"
+                            label = f"control: 3DGS split of {_SPLIT_SELECTION[select]} +{k}"
+                        elif decoder == "none":
+                            label = f"control: fine-tune only at +{k}"
                         rows.append(RowSpec(f"ours-{select}-p{k}{suffix}-x{factor}", label, "ours", factor, name,
                                             extrapolate_stages=k, refine_select=select, refine_decoder=decoder))
     if cfg.oracle:
@@ -95,7 +103,7 @@ def plan(cfg: BenchConfig, data: Path, lowres: Dict[int, Path]) -> Tuple[List[Ru
 # ----------------------------------------------------------------------------------------------- data prep
 
 
-def prepare_data(cfg: BenchConfig, log=print) -> Tuple[Path, Dict[int, Path]]:
+def prepare_data(cfg: BenchConfig, log=say) -> Tuple[Path, Dict[int, Path]]:
     """The full-resolution dataset (``--data`` or the built-in scene) and its LR training copies."""
     out = cfg.output.resolve()
     if cfg.data is None:

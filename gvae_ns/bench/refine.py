@@ -19,7 +19,7 @@ from gvae_ns.bench.config import (
 from gvae_ns.bench.evaluate import sync
 from gvae_ns.datasets import write_json
 from gvae_ns.refine.cli import RefineConfig, refine_run
-from gvae_ns.run_layout import RunLayout
+from gvae_ns.run_layout import DECODER_FILES, RunLayout
 
 
 # ---------------------------------------------------------------------------------------------- refinement
@@ -67,12 +67,13 @@ def refine_row(cfg: BenchConfig, row: RowSpec, run_record: dict) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     config_path = Path(run_record["config"])
     refine_cfg = refine_config(cfg, row, config_path)
-    vae_file = RunLayout.of_config(config_path).decoder(refine_cfg.decoder)
-    vae_marker = config_path.parent / f".bench-{vae_file.stem}.json"
+    learned = refine_cfg.decoder in DECODER_FILES  # the 3DGS-split control has no file
+    vae_file = RunLayout.of_config(config_path).decoder(refine_cfg.decoder) if learned else None
+    vae_marker = config_path.parent / f".bench-{vae_file.stem if vae_file else refine_cfg.decoder}.json"
     vae_spec = {"refine_args": shlex.split(cfg.refine_args)}
-    if vae_file.is_file() and read_json(vae_marker) != vae_spec:
+    if vae_file is not None and vae_file.is_file() and read_json(vae_marker) != vae_spec:
         vae_file.unlink()  # made with other VAE settings (refine_args): train it again
-    vae_before = vae_file.is_file()
+    vae_before = vae_file is None or vae_file.is_file()
     sync()
     start = time.perf_counter()
     refine_run(refine_cfg, pipeline=None)

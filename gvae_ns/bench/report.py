@@ -97,7 +97,10 @@ def format_table(results: Dict[str, Any]) -> str:
     lines.append("- train s: from config.yml to the last checkpoint (trainer set-up + steps; process start-up "
                  "excluded); trainings that ran at once shared the device. ms/view: render only, after a warm-up.")
     lines.append("- refine s: refine_run wall time (loads the run, then extrapolates); * includes training the "
-                 "decoder (the lineage VAE; for GD head rows the densification head).")
+                 "decoder (the lineage VAE; for GD head rows the densification head; the 3DGS-split rows learn nothing). "
+                 "'3DGS split, no learning' rows are the control: 3DGS's split of the same selection, the same "
+                 "family rule (opacity conserved, scales / 1.6), no decoder; ours minus them is what the learned part "
+                 "adds.")
     if env.get("baselines"):
         lines.append(f"- Baselines: {env['baselines']}")
     if any(r["metrics"].get("lpips") is None for r in ok):

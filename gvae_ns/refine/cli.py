@@ -10,17 +10,20 @@ resolution, extrapolates the selection and writes the file. It returns the refin
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Literal, Optional, Tuple
 
+import torch
 from torch import Tensor
 
 from gvae_ns.console import say
 from gvae_ns.progress import phase
 from gvae_ns.refine.decoder import decoder_class, decoder_for_run
+from gvae_ns.refine.finetune import finetune, held_out_loss
 from gvae_ns.refine.refiner import MAX_STAGES, Refiner, RunState, check_lineage
 from gvae_ns.refine.result import (
     Refinement,
@@ -29,7 +32,7 @@ from gvae_ns.refine.result import (
     save_refinement,
 )
 from gvae_ns.refine.score import ScoringViews, score_gaussians
-from gvae_ns.run_layout import REFINEMENT_FILE, RunLayout
+from gvae_ns.run_layout import DECODER_FILES, REFINEMENT_FILE, RunLayout
 from gvae_ns.tagged_file import TaggedFileError
 
 
@@ -47,9 +50,16 @@ class RefineConfig:
     """Fraction of Gaussians selected by 'hessian' / 'grad'."""
     output: Optional[Path] = None
     """Where to write the refinement (default: <run>/refinement.pt, which ns-viewer and ns-export load)."""
-    decoder: Literal["temporal", "generative"] = "temporal"
+    decoder: Literal["temporal", "generative", "split", "none"] = "temporal"
     """temporal: the lineage VAE's child slots; generative: the serialized-attention densification head
-    (Generative Densification)"""
+    (Generative Densification); split: the no-learning control, 3DGS's split of the same selection; none: the
+    fine-tune-only control (no proposals)"""
+    temperature: float = 0.0
+    """Latent noise of the VAE's draws (0: its deterministic prediction, the prior's mean)."""
+    finetune_steps: int = 200
+    """Steps of the sub-pixel fine-tune after extrapolation (renders at the target resolution, averaged down,
+    against the training views); 0: none. The result is kept only if it does not raise the loss on the run's
+    held-out (evaluation) views."""
     retrain_decoder: bool = False
     """Train the decoder again even if its file (vae.pt / densify_head.pt) exists beside the run."""
     decoder_steps: int = 1500
@@ -89,6 +99,10 @@ def check_refine_config(config: RefineConfig) -> None:
         raise ValueError(f"--decoder-steps must be at least 1, got {config.decoder_steps}.")
     if not config.max_new_ratio > 0.0:
         raise ValueError(f"--max-new-ratio must be above 0, got {config.max_new_ratio}.")
+    if config.finetune_steps < 0:
+        raise ValueError(f"--finetune-steps must be 0 (no fine-tune) or more, got {config.finetune_steps}.")
+    if not config.temperature >= 0.0:
+        raise ValueError(f"--temperature must be 0 or more, got {config.temperature}.")
     if config.score_views < 0:
         raise ValueError(f"--score-views must be 0 (all views) or more, got {config.score_views}.")
     if config.output is not None and Path(config.output).is_dir():
@@ -103,7 +117,7 @@ def build_refiner(config: RefineConfig, run: RunState, views: ScoringViews, writ
     one stops with :class:`~gvae_ns.tagged_file.TaggedFileError` (``--retrain-decoder`` replaces it)."""
     lineage = check_lineage(run.lineage)
     layout = RunLayout(run.run_dir if run.run_dir is not None else Path(config.load_config).parent)
-    path = layout.decoder(config.decoder)
+    path = layout.decoder(config.decoder) if config.decoder in DECODER_FILES else layout.root
     decoder = decoder_for_run(config.decoder, path, lineage, run.provenance, config.decoder_steps, run.device,
                               seed=config.seed, retrain=config.retrain_decoder, writer_step=writer_step,
                               rebuild=rebuild_hint(layout.root, path.name, config.decoder))
@@ -113,7 +127,7 @@ def build_refiner(config: RefineConfig, run: RunState, views: ScoringViews, writ
         scores = score_gaussians(run.params, views, count=config.score_views, progress=advance)
     say(f"gvae-refine: scored {scores['grad2d'].numel()} Gaussians in {time.perf_counter() - started:.1f} s")
     return Refiner(run, decoder, scores, fraction=config.fraction, max_new_ratio=config.max_new_ratio,
-                   seed=config.seed)
+                   seed=config.seed, temperature=config.temperature)
 
 
 def load_refiner(run: RunState, scores: Optional[Dict[str, Tensor]], decoder: str, fraction: float) -> Refiner:
@@ -122,13 +136,15 @@ def load_refiner(run: RunState, scores: Optional[Dict[str, Tensor]], decoder: st
 
     The decoder file must have been trained on this run state; a missing, stale, foreign or damaged one raises
     :class:`~gvae_ns.refine.result.RefinementUnavailable` with the file's own one-paragraph message."""
+    if not scores:
+        raise RefinementUnavailable(f"no selection scores: run gvae-refine to write {REFINEMENT_FILE}.")
+    if not decoder_class(decoder).learned:
+        return Refiner(run, decoder_class(decoder)(), scores, fraction=fraction)
     if run.run_dir is None:
         raise RefinementUnavailable("the run folder is not known: run gvae-refine first.")
     path = RunLayout(run.run_dir).decoder(decoder)
     if not path.is_file():
         raise RefinementUnavailable(f"no trained decoder ({path.name}) beside the run: run gvae-refine first.")
-    if not scores:
-        raise RefinementUnavailable(f"no selection scores: run gvae-refine to write {REFINEMENT_FILE}.")
     try:
         net = decoder_class(decoder).load(path, run.device, run.provenance, rebuild_hint(run.run_dir, path.name, decoder))
     except (OSError, ValueError) as err:
@@ -173,11 +189,41 @@ def refine_pipeline(config: RefineConfig, pipeline, step: Optional[int] = None) 
         started = time.perf_counter()
         refinement = refiner.refine(config.stages, config.select)
         elapsed = time.perf_counter() - started
+        say(f"gvae-refine: {refinement.describe()} in {elapsed * 1000:.0f} ms")
+        if config.finetune_steps > 0:
+            held_out = model.scoring_views(dm.eval_dataset.cameras, [d["image"] for d in dm.cached_eval])
+            refinement = finetune_refinement(config, run, refinement, views, held_out, writer_step=int(step or 0))
+            refiner.remember(refinement)
     finally:
         model.train(was_training)
     save_refinement(refinement, output)
-    say(f"gvae-refine: {refinement.describe()} in {elapsed * 1000:.0f} ms -> {output}")
+    say(f"gvae-refine: {refinement.describe()} -> {output}")
     return refinement, refiner
+
+
+def finetune_refinement(config: RefineConfig, run: RunState, refinement: Refinement, views: ScoringViews,
+                        held_out: ScoringViews, writer_step: int = 0) -> Refinement:
+    """``refinement`` after the sub-pixel fine-tune (:mod:`gvae_ns.refine.finetune`) when that does not raise the
+    loss on the ``held_out`` views against the trained scene; else the trained scene itself (nothing added)."""
+    factor = 2 ** int(refinement.steps)
+    with phase("Fine-tune", config.finetune_steps, writer_step) as advance:
+        tuned = finetune(refinement.params, views, factor, config.finetune_steps, seed=config.seed, progress=advance)
+    if len(held_out.images) == 0:
+        say("gvae-refine: the run has no held-out (evaluation) views to check the fine-tune on; it is kept unchecked.",
+            style="yellow")
+        return dataclasses.replace(refinement, params=tuned)
+    trained_loss = held_out_loss(run.params, held_out, factor)
+    tuned_loss = held_out_loss(tuned, held_out, factor)
+    kept = tuned_loss <= trained_loss
+    say(f"gvae-refine: fine-tuned {config.finetune_steps} steps; held-out loss over {len(held_out.images)} views "
+        f"{tuned_loss:.5f} against {trained_loss:.5f} for the trained scene: "
+        + ("kept" if kept else "not kept, the trained scene is the refinement"))
+    if kept:
+        return dataclasses.replace(refinement, params=tuned)
+    n = run.num_gaussians
+    empty = torch.zeros(0, dtype=torch.long)
+    return dataclasses.replace(refinement, params={k: v.detach().cpu() for k, v in run.params.items()},
+                               is_new=torch.zeros(n, dtype=torch.bool), removed=empty)
 
 
 def refine_run(config: RefineConfig, pipeline=None) -> Refinement:

@@ -1,25 +1,33 @@
 """The decoders refinement can use, behind one protocol: fit on a lineage, save, load, extrapolate.
 
 A :class:`Decoder` turns the selected Gaussians (their packed states and ancestor histories) into a
-:class:`Proposal`: what each selected Gaussian becomes, which of them hand over to added Gaussians, and the
-added Gaussians. Two implementations, picked by name from :data:`DECODERS`:
+:class:`Proposal`: for each selected Gaussian, the family of Gaussians that would replace it ``k`` stages
+finer (possibly none). What is done with a family (it replaces its parent only when it has two members or
+more, with the parent's opacity conserved) is the Refiner's rule, the same for every decoder. Four
+implementations, picked by name from :data:`DECODERS`:
 
 * ``temporal``, :class:`LineageVAEDecoder`: the lineage VAE (:mod:`gvae_ns.vae`), which reads each
-  Gaussian's ancestry through the stages and predicts its children one stage further, ``k`` times;
+  Gaussian's ancestry through the stages and predicts its children one stage further, ``k`` times; its family
+  is the lineage's own continuation (when it survives) and the Gaussians added beside it;
 * ``generative``, :class:`DensifyHeadDecoder`: the generative-densification head (:mod:`gvae_ns.densify`),
-  which sees only the current Gaussians and their neighbours and proposes finer ones in one pass per stage.
+  which sees only the current Gaussians and their neighbours and proposes finer ones in one pass per stage;
+* ``split``, :class:`SplitDecoder`: the no-learning control, 3DGS's split (two children drawn from the
+  parent's own Gaussian, scales divided by 1.6), ``k`` times;
+* ``none``, :class:`NoProposalDecoder`: the fine-tune-only control, which proposes nothing.
 
 :func:`decoder_for_run` loads the run's decoder file (:mod:`gvae_ns.run_layout`) when it was trained on
-this run state, or fits one on the lineage and saves it.
+this run state, or fits one on the lineage and saves it; the split control has nothing to fit or store.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Callable, ClassVar, Dict, NamedTuple, Optional, Protocol, Type, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from gvae_ns.console import say
@@ -31,9 +39,11 @@ from gvae_ns.densify.train import (
     save_densify_head,
     train_densify_head,
 )
+from gvae_ns.gaussians import MEANS, PACKED_DIM, QUATS, SCALES
 from gvae_ns.lineage.dataset import build_transitions
 from gvae_ns.lineage.format import Lineage
 from gvae_ns.progress import phase
+from gvae_ns.quaternions import rotate
 from gvae_ns.run_layout import DECODER_FILES
 from gvae_ns.tagged_file import Provenance
 from gvae_ns.vae.extrapolate import extrapolate
@@ -45,23 +55,23 @@ Device = Union[str, torch.device]
 
 
 class Proposal(NamedTuple):
-    """What a decoder proposes for ``n`` selected Gaussians."""
+    """What a decoder proposes for ``n`` selected Gaussians: families of packed Gaussians."""
 
-    states: Tensor
-    """``[n, 59]`` the selected Gaussians' new states (unchanged where the decoder leaves them)."""
-    handed_over: Tensor
-    """``[n]`` bool: the selected Gaussian is removed, its added descendants replace it."""
-    added: Tensor
-    """``[M, 59]`` added Gaussians."""
+    members: Tensor
+    """``[M, 59]`` the proposed Gaussians, grouped by family."""
+    source: Tensor
+    """``[M]`` long: the selected row (``0..n-1``) each member would replace."""
 
 
 class Decoder(Protocol):
     """What refinement needs from a decoder (see the module docstring)."""
 
     name: ClassVar[str]
-    """``temporal`` or ``generative``: the name files and flags use."""
+    """``temporal``, ``generative`` or ``split``: the name files and flags use."""
     label: ClassVar[str]
     """What to call it in messages."""
+    learned: ClassVar[bool]
+    """Whether it is fitted on the lineage and kept in a file beside the run."""
 
     @classmethod
     def fit(cls, lineage: Lineage, steps: int, device: Device, seed: int, writer_step: int = 0) -> "Decoder":
@@ -75,8 +85,10 @@ class Decoder(Protocol):
         """Write the decoder file atomically, tied to ``provenance``."""
 
     def propose(self, states: Tensor, history: Tensor, history_mask: Tensor, stages: int, max_new: int,
-                seed: int) -> Proposal:
-        """Extrapolate the selected Gaussians ``stages`` stages (``states [n, 59]``, ``history [n, S, 59]``)."""
+                seed: int, temperature: float = 0.0) -> Proposal:
+        """Families for the selected Gaussians ``stages`` stages finer (``states [n, 59]``, ``history [n, S, 59]``);
+        at most ``n + max_new`` members; ``temperature`` scales the latent noise of a generative decoder (0:
+        its deterministic prediction)."""
 
 
 class LineageVAEDecoder:
@@ -84,6 +96,7 @@ class LineageVAEDecoder:
 
     name: ClassVar[str] = "temporal"
     label: ClassVar[str] = "VAE"
+    learned: ClassVar[bool] = True
 
     def __init__(self, net: GaussianVAE) -> None:
         self.net = net
@@ -104,16 +117,16 @@ class LineageVAEDecoder:
         return save_vae(self.net, path, provenance)
 
     def propose(self, states: Tensor, history: Tensor, history_mask: Tensor, stages: int, max_new: int,
-                seed: int) -> Proposal:
+                seed: int, temperature: float = 0.0) -> Proposal:
         device = next(self.net.parameters()).device
         result = extrapolate(self.net, history.to(device), history_mask.to(device), steps=stages, max_new=max_new,
-                             seed=seed)
-        # A lineage that ended hands over to its added descendants (as a split does); one that ended with none
-        # keeps its Gaussian: refinement adds detail, it never deletes the trained scene's coverage.
-        has_descendants = torch.zeros(states.shape[0], dtype=torch.bool)
-        has_descendants[result.added_source.cpu()] = True
-        return Proposal(states=result.refined.cpu(), handed_over=~result.alive.cpu() & has_descendants,
-                        added=result.added.cpu())
+                             seed=seed, temperature=temperature)
+        # the family: the lineage's own continuation when it survives, and its added descendants
+        alive = result.alive.cpu().nonzero().flatten()
+        members = torch.cat([result.refined.cpu()[alive], result.added.cpu()])
+        source = torch.cat([alive, result.added_source.cpu()])
+        order = torch.argsort(source, stable=True)
+        return Proposal(members=members[order], source=source[order])
 
 
 class DensifyHeadDecoder:
@@ -121,6 +134,7 @@ class DensifyHeadDecoder:
 
     name: ClassVar[str] = "generative"
     label: ClassVar[str] = "densification head"
+    learned: ClassVar[bool] = True
 
     def __init__(self, net: DensifyHead) -> None:
         self.net = net
@@ -140,18 +154,91 @@ class DensifyHeadDecoder:
         return save_densify_head(self.net, path, provenance)
 
     def propose(self, states: Tensor, history: Tensor, history_mask: Tensor, stages: int, max_new: int,
-                seed: int) -> Proposal:
+                seed: int, temperature: float = 0.0) -> Proposal:
         device = next(self.net.parameters()).device
-        added, source = densify(self.net, states.to(device), steps=stages, max_new=max_new)
-        handed_over = torch.zeros(states.shape[0], dtype=torch.bool)
-        handed_over[source.unique().cpu()] = True
-        return Proposal(states=states.clone(), handed_over=handed_over, added=added.cpu())
+        members, source = densify(self.net, states.to(device), steps=stages, max_new=max_new)
+        return Proposal(members=members.cpu(), source=source.cpu())
+
+
+class _Unlearned:
+    """A control decoder: nothing to fit, nothing to keep in a file."""
+
+    learned: ClassVar[bool] = False
+
+    @classmethod
+    def fit(cls, lineage: Lineage, steps: int, device: Device, seed: int, writer_step: int = 0):
+        return cls()
+
+    @classmethod
+    def load(cls, path: Path, device: Device, expected: Optional[Provenance], rebuild: Optional[str]):
+        return cls()
+
+    def save(self, path: Path, provenance: Optional[Provenance]) -> Path:
+        return path
+
+
+class SplitDecoder(_Unlearned):
+    """The no-learning control: 3DGS's split, ``k`` times (nothing is fitted, nothing is stored).
+
+    Each split replaces a Gaussian by two children whose centres are drawn from the Gaussian itself
+    (``N(mean, Sigma)``), with its rotation, colour and opacity and its scales divided by 1.6, as 3DGS and
+    gsplat's ``DefaultStrategy`` split. ``k`` stages split each child again, so a family has ``2**k`` members
+    (within the ``max_new`` budget, first come first served in row order); deterministic for a ``seed``."""
+
+    name: ClassVar[str] = "split"
+    label: ClassVar[str] = "3DGS split"
+    SCALE_DIVISOR: ClassVar[float] = 1.6
+    """What a split divides the scales by (3DGS, gsplat)."""
+
+    def propose(self, states: Tensor, history: Tensor, history_mask: Tensor, stages: int, max_new: int,
+                seed: int, temperature: float = 0.0) -> Proposal:
+        generator = torch.Generator().manual_seed(seed)
+        members, source = states.float().cpu(), torch.arange(states.shape[0])
+        budget = states.shape[0] + max_new
+        for _ in range(stages):
+            splittable = max(0, min(members.shape[0], budget - members.shape[0]))
+            if splittable == 0:
+                break
+            parents, kept = members[:splittable], members[splittable:]
+            children = split_gaussians(parents, generator, self.SCALE_DIVISOR)
+            members = torch.cat([children, kept])
+            source = torch.cat([source[:splittable].repeat_interleave(2), source[splittable:]])
+        order = torch.argsort(source, stable=True)
+        return Proposal(members=members[order], source=source[order])
+
+
+class NoProposalDecoder(_Unlearned):
+    """The fine-tune-only control: proposes nothing, so the refinement is the trained scene fine-tuned."""
+
+    name: ClassVar[str] = "none"
+    label: ClassVar[str] = "no proposals"
+
+    def propose(self, states: Tensor, history: Tensor, history_mask: Tensor, stages: int, max_new: int,
+                seed: int, temperature: float = 0.0) -> Proposal:
+        return Proposal(members=states.new_zeros(0, PACKED_DIM), source=torch.zeros(0, dtype=torch.long))
+
+
+def split_gaussians(parents: Tensor, generator: torch.Generator, scale_divisor: float = 1.6) -> Tensor:
+    """Two children per packed parent ``[n, 59]`` (rows ``2i, 2i+1`` from parent ``i``): centres drawn from
+    ``N(mean, R S^2 R^T)``, log scales minus ``log(scale_divisor)``, everything else the parent's."""
+    if parents.dim() != 2 or parents.shape[1] != PACKED_DIM:
+        raise ValueError(f"split_gaussians: parents must be packed Gaussians [n, {PACKED_DIM}], got {tuple(parents.shape)}")
+    n = parents.shape[0]
+    children = parents.repeat_interleave(2, dim=0).clone()
+    scales = torch.exp(parents[:, SCALES]).repeat_interleave(2, dim=0)
+    quats = parents[:, QUATS].repeat_interleave(2, dim=0)
+    offsets = rotate(F.normalize(quats, dim=-1), torch.randn(2 * n, 3, generator=generator) * scales)
+    children[:, MEANS] = children[:, MEANS] + offsets
+    children[:, SCALES] = children[:, SCALES] - math.log(scale_divisor)
+    return children
 
 
 DECODERS: Dict[str, Type[Decoder]] = {LineageVAEDecoder.name: LineageVAEDecoder,
-                                      DensifyHeadDecoder.name: DensifyHeadDecoder}
-"""Decoder name -> implementation (the names of :data:`gvae_ns.run_layout.DECODER_FILES`)."""
-assert set(DECODERS) == set(DECODER_FILES)
+                                      DensifyHeadDecoder.name: DensifyHeadDecoder,
+                                      SplitDecoder.name: SplitDecoder, NoProposalDecoder.name: NoProposalDecoder}
+"""Decoder name -> implementation; the learned ones are kept in the files of
+:data:`gvae_ns.run_layout.DECODER_FILES`."""
+assert {n for n, d in DECODERS.items() if d.learned} == set(DECODER_FILES)
 
 
 def decoder_class(name: str) -> Type[Decoder]:
@@ -171,6 +258,8 @@ def decoder_for_run(name: str, path: Path, lineage: Lineage, provenance: Provena
     with ``rebuild`` as the fix; it is never replaced without ``retrain``."""
     cls = decoder_class(name)
     log = log or say
+    if not cls.learned:
+        return cls.fit(lineage, steps, device, seed, writer_step)
     if path.exists() and not retrain:
         decoder = cls.load(path, device, provenance, rebuild)
         log(f"gvae-refine: using the {cls.label} in {path} (trained on this checkpoint)")

@@ -18,9 +18,9 @@ key                 value
                     rows (selected ones refined) then the added Gaussians
 ``is_new``          bool [kept + added]: True for added Gaussians
 ``selected``        int64 indices of the original rows whose lineages were extrapolated
-``removed``         int64 indices of original rows whose lineage ended and handed over to added
-                    descendants (as a split does in densification); they are absent from ``params``.
-                    A lineage that ends without descendants keeps its original Gaussian.
+``removed``         int64 indices of original rows replaced by the family their decoder proposed (two
+                    Gaussians or more, opacity conserved: see :mod:`gvae_ns.refine.refiner`); they are
+                    absent from ``params``. Every other original row is kept exactly as trained.
 ``scores``          dict of per-original-row float tensors (``grad2d``, ``hessian``), so that other
                     stage counts / selections can be recomputed without the training images
 ==================  =============================================================================
@@ -62,8 +62,9 @@ REFINEMENT_FILE_FORMAT = FileFormat(
     rebuild="make it again with gvae-refine --load-config <run>/config.yml",
 )
 
-DECODERS = tuple(DECODER_FILES)
-"""The decoder names a refinement records: ``temporal`` (lineage VAE) and ``generative`` (densification head)."""
+DECODERS = (*DECODER_FILES, "split", "none")
+"""The decoder names a refinement records: ``temporal`` (lineage VAE), ``generative`` (densification head),
+``split`` (the no-learning 3DGS-split control) and ``none`` (the fine-tune-only control)."""
 SELECTIONS = ("hessian", "grad", "all")
 """The selection modes (see :mod:`gvae_ns.refine.score`)."""
 
@@ -97,7 +98,8 @@ class Refinement:
     select: str
     """Selection mode."""
     decoder: str = "temporal"
-    """What produced it: the lineage VAE ("temporal") or the densification head ("generative")."""
+    """What produced it: the lineage VAE ("temporal"), the densification head ("generative") or the
+    no-learning 3DGS split ("split")."""
     provenance: Optional[Provenance] = None
     """The run state it was made from (written to the file; checked when the file is loaded)."""
 
@@ -108,8 +110,8 @@ class Refinement:
 
     def describe(self) -> str:
         """One line for logs and the viewer."""
-        return (f"+{self.steps} ({self.select}, {self.decoder}): {self.num_original} original, {len(self.selected)} refined, "
-                f"{len(self.removed)} ended, {self.num_added} added")
+        return (f"+{self.steps} ({self.select}, {self.decoder}): {self.num_original} original, {len(self.selected)} "
+                f"selected, {len(self.removed)} replaced by {self.num_added} added")
 
 
 def save_refinement(refinement: Refinement, path: Union[str, Path], provenance: Optional[Provenance] = None) -> Path:

@@ -132,7 +132,8 @@ class ScoringViews:
     """``classic`` or ``antialiased``, as the scene was trained."""
 
 
-def _on_background(image: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+def on_background(image: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """``image [H, W, 3 or 4]`` (float in [0, 1]) composited on ``background [3]`` where it has alpha."""
     if image.shape[-1] == 4:
         alpha = image[..., 3:]
         return image[..., :3] * alpha + background * (1.0 - alpha)
@@ -176,7 +177,7 @@ def score_gaussians(params: Dict[str, torch.Tensor], views: ScoringViews, count:
         rgb = torch.clamp(render[0, ..., :3] + (1 - alpha[0]) * background, 0.0, 1.0)
         image = views.images[i].to(device)
         image = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
-        gt = _on_background(resize_image(image, d) if d > 1 else image, background)
+        gt = on_background(resize_image(image, d) if d > 1 else image, background)
         loss = torch.abs(gt - rgb).mean()
         loss.backward()
         g2d = info["means2d"].grad[0] * torch.tensor([W / 2.0, H / 2.0], device=device)
