@@ -19,13 +19,12 @@ What it changes in ``SplatfactoModel``:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple, Type, Union
 
 import torch
 import tyro
-from gsplat.strategy import DefaultStrategy
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.engine.callbacks import (
     TrainingCallback,
@@ -148,7 +147,7 @@ class GaussianVAEModel(SplatfactoModel):
                     self.gauss_params["features_dc"].data = RGB2SH(rgb)
                 else:
                     self.gauss_params["features_dc"].data = torch.logit(rgb, eps=1e-10)
-        self.strategy = _lineage_strategy_from(self.strategy)
+        self.strategy = LineageStrategy.from_default(self.strategy)
         self.strategy_state = self.strategy.initialize_state(scene_scale=1.0)
         self.recorder.stage_downscales = tuple(int(d) for d in self.schedule.downscales)
         self.recorder.stage_boundaries = tuple(self.schedule.boundaries[1:-1])
@@ -444,9 +443,3 @@ def _tint(params: Dict[str, torch.Tensor], is_new: torch.Tensor, is_sh: bool) ->
     dc[is_new] = RGB2SH(magenta) if is_sh else torch.logit(magenta.clamp(1e-4, 1 - 1e-4))
     rest[is_new] = 0.0
     return {**params, "features_dc": dc, "features_rest": rest}
-
-
-def _lineage_strategy_from(strategy: DefaultStrategy) -> LineageStrategy:
-    """The same densification policy as ``strategy``, with lineage recording."""
-    kwargs = {f.name: getattr(strategy, f.name) for f in fields(DefaultStrategy) if f.init}
-    return LineageStrategy(**kwargs)

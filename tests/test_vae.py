@@ -12,13 +12,8 @@ from gvae_ns.gaussians import MEANS, OPACITY, QUATS, SCALES, SH_DC, PACKED_DIM
 from gvae_ns.vae import features as feats
 from gvae_ns.vae.flow import FlowPrior
 from gvae_ns.vae.losses import chamfer_distance, cyclic_beta, exist_bce, masked_mse
-from gvae_ns.vae.model import (
-    DecoderSpec,
-    GaussianVAE,
-    GaussianVAEConfig,
-    StreamConfig,
-    register_decoder,
-)
+from gvae_ns.vae.child_decoders import DecoderSpec, register_decoder
+from gvae_ns.vae.model import GaussianVAE, GaussianVAEConfig, StreamConfig
 from gvae_ns.vae.file import load_vae, save_vae
 from gvae_ns.vae.train import VAETrainConfig, train_vae
 

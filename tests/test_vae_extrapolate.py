@@ -9,7 +9,8 @@ import torch
 
 from gvae_ns.gaussians import MEANS, OPACITY, QUATS, SCALES, SH_DC, PACKED_DIM
 from gvae_ns.vae.extrapolate import extrapolate
-from gvae_ns.vae.model import GaussianVAE, GaussianVAEConfig, MLPDecoder, StreamConfig
+from gvae_ns.vae.child_decoders import MLPDecoder
+from gvae_ns.vae.model import GaussianVAE, GaussianVAEConfig, StreamConfig
 
 STREAM = dict(width=32, encoder_layers=1, decoder_layers=1, heads=2, latent_dim=4, flow_layers=2, flow_hidden=16,
               child_embed=8)

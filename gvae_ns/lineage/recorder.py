@@ -27,6 +27,8 @@ and at the end, stores ``recorder.state_dict()`` in its checkpoint and writes
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -380,6 +382,11 @@ class LineageStrategy(DefaultStrategy):
 
     recorder: LineageRecorder = field(default_factory=LineageRecorder, repr=False, compare=False)
     """Where events go; pass one in to share it, or use the one created here."""
+
+    @classmethod
+    def from_default(cls, strategy: DefaultStrategy) -> "LineageStrategy":
+        """The same densification policy as ``strategy`` (e.g. splatfacto's), with lineage recording."""
+        return cls(**{f.name: getattr(strategy, f.name) for f in dataclasses.fields(DefaultStrategy) if f.init})
 
     def initialize_state(self, scene_scale: float = 1.0) -> Dict[str, Any]:
         """gsplat's state plus the id column (filled on the first hook, when the rows are known)."""

@@ -55,7 +55,7 @@ class GaussianVAEConfig:
     decoder: str = "mlp"
     """Child decoder by registered name: ``mlp`` (all slots jointly from one MLP; cheap at 1e5-1e6
     lineages) or ``slots`` (learned slot tokens with self-attention, mirroring the encoder; ~5x the
-    inference cost); see :func:`register_decoder` for others."""
+    inference cost); see :func:`gvae_ns.vae.child_decoders.register_decoder` for others."""
     dropout: float = 0.0
     """Dropout inside the transformer blocks."""
     input_clip: float = 10.0

@@ -10,63 +10,28 @@ Per stream (geometry: offset, rotation, log-scale; appearance: SH rest, colour, 
 - a **flow prior** ``p(z | history)`` (:class:`~gvae_ns.vae.flow.FlowPrior` conditioned on the
   context, the CVAE's prior network) supplies ``z`` at inference;
 - a **child decoder** maps ``(context, z)`` to ``max_children`` child slots: normalised relative
-  features and an exist logit. Decoders are looked up by name (:func:`register_decoder`), so another
-  head can replace the default without touching this file.
+  features and an exist logit. Decoders are looked up by name
+  (:func:`gvae_ns.vae.child_decoders.register_decoder`), so another head can replace the default.
 
 The streams are separate modules with their own latent, flow and normalisation statistics; the only
 thing they share is the input lineage. Normalisation statistics are buffers, so a saved model
-(:func:`save_vae`) is self-contained.
+(:func:`gvae_ns.vae.file.save_vae`) is self-contained.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Protocol, Union
+from typing import Dict, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gvae_ns.vae import features as feats
+from gvae_ns.vae.child_decoders import _DECODERS, DecoderSpec
 from gvae_ns.vae.config import GaussianVAEConfig, StreamConfig, validate_config
 from gvae_ns.vae.flow import FlowPrior
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block (SDPA self-attention + GELU MLP) with an optional key mask."""
-
-    def __init__(self, width: int, heads: int, ff_mult: int, dropout: float) -> None:
-        super().__init__()
-        self.heads = heads
-        self.dropout = dropout
-        self.norm1 = nn.LayerNorm(width)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-        self.norm2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(
-            nn.Linear(width, ff_mult * width), nn.GELU(), nn.Linear(ff_mult * width, width), nn.Dropout(dropout)
-        )
-
-    def forward(self, x: Tensor, key_mask: Optional[Tensor] = None, last_only: bool = False) -> Tensor:
-        """``x [B, T, D]``; ``key_mask [B, T]`` True where a token may be attended to. With
-        ``last_only`` only the last token is updated and returned (``[B, 1, D]``), which is all the
-        final encoder block needs."""
-        b, t, d = x.shape
-        hd = d // self.heads
-        h = self.norm1(x)
-        if last_only:
-            q = F.linear(h[:, -1:], self.qkv.weight[:d], self.qkv.bias[:d])
-            k, v = F.linear(h, self.qkv.weight[d:], self.qkv.bias[d:]).view(b, t, 2, self.heads, hd).unbind(2)
-            q = q.view(b, 1, self.heads, hd).transpose(1, 2)
-            k, v, x = k.transpose(1, 2), v.transpose(1, 2), x[:, -1:]
-        else:
-            q, k, v = self.qkv(h).view(b, t, 3, self.heads, hd).permute(2, 0, 3, 1, 4)
-        attn_mask = None if key_mask is None else key_mask[:, None, None, :]
-        drop = self.dropout if self.training else 0.0
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
-        x = x + self.proj(h.transpose(1, 2).reshape(b, q.shape[2], d))
-        return x + self.mlp(self.norm2(x))
+from gvae_ns.vae.layers import Block
 
 
 class HistoryEncoder(nn.Module):
@@ -108,85 +73,6 @@ class Posterior(nn.Module):
         slots = self.child(torch.cat([children * m, m], dim=-1)).flatten(1)
         mu, log_var = self.net(torch.cat([context, slots], dim=-1)).chunk(2, dim=-1)
         return mu, log_var.clamp(-10.0, 4.0)
-
-
-@dataclass(frozen=True)
-class DecoderSpec:
-    """What a child decoder is built from (see :func:`register_decoder`)."""
-
-    width: int
-    latent_dim: int
-    feature_dim: int
-    max_children: int
-    layers: int
-    heads: int
-    ff_mult: int
-    dropout: float
-
-
-class ChildDecoder(Protocol):
-    """A child decoder: ``forward(context [B, width], z [B, latent_dim])`` returns
-    ``(features [B, max_children, feature_dim], exist_logits [B, max_children])``, where features are
-    the stream's relative child features in normalised units (slot 0 = the parent's continuation)."""
-
-    def __call__(self, context: Tensor, z: Tensor) -> tuple[Tensor, Tensor]: ...
-
-
-class SlotDecoder(nn.Module):
-    """Learned slot queries conditioned on ``(context, z)``, refined by self-attention among slots."""
-
-    def __init__(self, spec: DecoderSpec) -> None:
-        super().__init__()
-        self.cond = nn.Linear(spec.width + spec.latent_dim, spec.width)
-        self.slots = nn.Parameter(torch.randn(spec.max_children, spec.width) * 0.02)
-        self.blocks = nn.ModuleList(
-            Block(spec.width, spec.heads, spec.ff_mult, spec.dropout) for _ in range(spec.layers)
-        )
-        self.norm = nn.LayerNorm(spec.width)
-        self.head = nn.Linear(spec.width, spec.feature_dim + 1)
-
-    def forward(self, context: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-        x = self.cond(torch.cat([context, z], dim=-1))[:, None, :] + self.slots[None]
-        for block in self.blocks:
-            x = block(x)
-        out = self.head(self.norm(x))
-        return out[..., :-1], out[..., -1]
-
-
-class MLPDecoder(nn.Module):
-    """All child slots at once from an MLP over ``(context, z)``; cheaper than :class:`SlotDecoder`."""
-
-    def __init__(self, spec: DecoderSpec) -> None:
-        super().__init__()
-        hidden = spec.ff_mult * spec.width
-        layers: list[nn.Module] = [nn.Linear(spec.width + spec.latent_dim, hidden), nn.GELU()]
-        for _ in range(max(spec.layers - 1, 0)):
-            layers += [nn.Linear(hidden, hidden), nn.GELU()]
-        layers.append(nn.Linear(hidden, spec.max_children * (spec.feature_dim + 1)))
-        self.net = nn.Sequential(*layers)
-        self.max_children = spec.max_children
-        self.feature_dim = spec.feature_dim
-
-    def forward(self, context: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-        out = self.net(torch.cat([context, z], dim=-1)).view(-1, self.max_children, self.feature_dim + 1)
-        return out[..., :-1], out[..., -1]
-
-
-DecoderFactory = Callable[[DecoderSpec], nn.Module]
-_DECODERS: Dict[str, DecoderFactory] = {"slots": SlotDecoder, "mlp": MLPDecoder}
-
-
-def register_decoder(name: str, factory: DecoderFactory) -> None:
-    """Make ``GaussianVAEConfig(decoder=name)`` build its child decoders with ``factory(spec)``.
-
-    The module it returns must follow :class:`ChildDecoder`. Register before building or loading a
-    model that names it."""
-    _DECODERS[name] = factory
-
-
-def available_decoders() -> tuple[str, ...]:
-    """Registered child-decoder names."""
-    return tuple(sorted(_DECODERS))
 
 
 class Normalizer(nn.Module):
