@@ -2,7 +2,9 @@
 
     .venv/bin/python scripts/eval_refinement.py outputs/synthetic/gaussianvae/<timestamp>/config.yml --stages 1 2
 
-Reuses the run's vae.pt when it was trained on this checkpoint (trains one if missing); renders with the model's own code, like gvae-bench.
+Reuses the run's vae.pt when it was trained on this checkpoint (trains one if missing); each row is what
+gvae-refine makes (proposals, then the sub-pixel fine-tune kept only if the held-out loss does not rise; the
+fine-tune-only control is a row too); renders with the model's own code, like gvae-bench.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import argparse
 from pathlib import Path
 
 from gvae_ns.bench.evaluate import evaluate_pipeline, load_pipeline
-from gvae_ns.refine.cli import RefineConfig, build_refiner
+from gvae_ns.refine.cli import RefineConfig, build_refiner, finetune_refinement, load_refiner
+from gvae_ns.refine.cli import load_pipeline as load_val_pipeline
 
 
 def main() -> None:
@@ -19,6 +22,8 @@ def main() -> None:
     parser.add_argument("config", type=Path, help="the run's config.yml")
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2], help="extrapolation stages to score")
     parser.add_argument("--selects", nargs="+", default=["hessian", "all"], help="selections to score")
+    parser.add_argument("--finetune-steps", type=int, default=RefineConfig.finetune_steps,
+                        help="fine-tune steps of every row (0: the proposals alone)")
     args = parser.parse_args()
     pipeline = load_pipeline(args.config)
     model = pipeline.model
@@ -33,10 +38,26 @@ def main() -> None:
     report("trained, no refinement")
     dm = pipeline.datamanager
     views = model.scoring_views(dm.train_dataset.cameras, [d["image"] for d in dm.cached_train])
-    refiner = build_refiner(RefineConfig(load_config=args.config), model.run_state(), views)
+    config = RefineConfig(load_config=args.config, finetune_steps=args.finetune_steps)
+    # the held-out check uses the run's val split, as gvae-refine does; this pipeline holds the scored test split
+    val_dm = load_val_pipeline(config)[0].datamanager
+    held_out = model.scoring_views(val_dm.eval_dataset.cameras, [d["image"] for d in val_dm.cached_eval])
+    run = model.run_state()
+    refiner = build_refiner(config, run, views)
+    controls = load_refiner(run, refiner.scores, "none", config.fraction)
+
+    def refined(source, k: int, select: str):
+        refinement = source.refine(k, select)
+        if args.finetune_steps > 0:
+            refinement = finetune_refinement(config, run, refinement, views, held_out)
+        return refinement
+
+    for k in args.stages:
+        model.show_refinement(refined(controls, k, "hessian"))
+        report(f"control: fine-tune only at +{k}")
     for select in args.selects:
         for k in args.stages:
-            model.show_refinement(refiner.refine(k, select))
+            model.show_refinement(refined(refiner, k, select))
             report(f"{select} +{k}")
 
 

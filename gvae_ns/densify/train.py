@@ -60,7 +60,7 @@ FORMAT_VERSION = 2
 """Version 2 added the provenance (the run state the head was trained on)."""
 DENSIFY_HEAD_FORMAT = FileFormat(
     tag=FORMAT_NAME, version=FORMAT_VERSION, what="densification head", keys={"config": dict, "state_dict": dict},
-    rebuild="train it again (gvae-refine --load-config <run>/config.yml --decoder generative --retrain-vae)",
+    rebuild="train it again (gvae-refine --load-config <run>/config.yml --decoder generative --retrain-decoder)",
 )
 
 _LOGGED = ("step", "total", "chamfer", "appearance", "scale", "keep")
