@@ -19,12 +19,10 @@ from typing import Callable, Dict, Optional
 import pytorch_msssim
 import torch
 import torch.nn.functional as F
-from nerfstudio.models.splatfacto import resize_image
 from torch import Tensor
 
 from gvae_ns.gaussians import PARAM_KEYS
-from gvae_ns.refine.score import ScoringViews, on_background
-from gvae_ns.render import rasterize, world_to_camera
+from gvae_ns.refine.score import ScoringViews, render_view, training_image
 
 LEARNING_RATES = {"means": 1.6e-6, "scales": 5e-3, "quats": 1e-3, "features_dc": 2.5e-3,
                   "features_rest": 2.5e-3 / 20, "opacities": 5e-2}
@@ -35,30 +33,10 @@ SSIM_LAMBDA = 0.2
 
 def _render_down(params: Dict[str, Tensor], views: ScoringViews, index: int, factor: int) -> Tensor:
     """View ``index`` rendered at ``factor`` x the trained resolution, box-averaged to it: ``[H, W, 3]``."""
-    device = params["means"].device
-    camera = views.cameras[index : index + 1].to(device)
-    camera.rescale_output_resolution(factor / views.downscale)
-    W, H = int(camera.width.item()), int(camera.height.item())
-    colors = torch.cat([params["features_dc"][:, None], params["features_rest"]], dim=1)
-    if views.sh_degree is None:
-        colors = torch.sigmoid(colors).squeeze(1)
-    render, alpha, _ = rasterize(
-        means=params["means"], quats=params["quats"], scales=torch.exp(params["scales"]),
-        opacities=torch.sigmoid(params["opacities"]).squeeze(-1), colors=colors,
-        viewmats=world_to_camera(camera.camera_to_worlds).to(device), Ks=camera.get_intrinsics_matrices().to(device),
-        width=W, height=H, packed=False, sh_degree=views.sh_degree, rasterize_mode=views.rasterize_mode,
-    )
-    rgb = torch.clamp(render[0, ..., :3] + (1 - alpha[0]) * views.background.to(device), 0.0, 1.0)
+    rgb, _ = render_view(params, views, index, scale=factor)
     if factor == 1:
         return rgb
     return F.avg_pool2d(rgb.permute(2, 0, 1)[None], factor)[0].permute(1, 2, 0)
-
-
-def _target(views: ScoringViews, index: int, device) -> Tensor:
-    image = views.images[index].to(device)
-    image = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
-    d = int(views.downscale)
-    return on_background(resize_image(image, d) if d > 1 else image, views.background.to(device))
 
 
 def _loss(pred: Tensor, gt: Tensor) -> Tensor:
@@ -79,7 +57,7 @@ def finetune(params: Dict[str, Tensor], views: ScoringViews, factor: int, steps:
     order = torch.randperm(len(views.images), generator=torch.Generator().manual_seed(seed))
     for step in range(steps):
         index = int(order[step % len(order)])
-        loss = _loss(_render_down(leaves, views, index, factor), _target(views, index, leaves["means"].device))
+        loss = _loss(_render_down(leaves, views, index, factor), training_image(views, index, leaves["means"].device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -95,6 +73,6 @@ def held_out_loss(params: Dict[str, Tensor], views: ScoringViews, factor: int) -
     """Mean fine-tune loss of ``params`` on ``views`` (renders at ``factor`` x the trained resolution, averaged
     down), i.e. how well the scene explains images it was not fitted to."""
     device = params["means"].device
-    losses = [float(_loss(_render_down(params, views, i, factor), _target(views, i, device)))
+    losses = [float(_loss(_render_down(params, views, i, factor), training_image(views, i, device)))
               for i in range(len(views.images))]
     return sum(losses) / max(len(losses), 1)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from nerfstudio.models.splatfacto import resize_image
@@ -140,6 +140,34 @@ def on_background(image: torch.Tensor, background: torch.Tensor) -> torch.Tensor
     return image[..., :3]
 
 
+def render_view(params: Dict[str, torch.Tensor], views: ScoringViews, index: int,
+                scale: float = 1.0) -> Tuple[torch.Tensor, Dict]:
+    """View ``index`` rendered from ``params`` (splatfacto-shaped, raw) at ``scale`` x the trained resolution:
+    ``[H, W, 3]`` on the background, and gsplat's ``info``."""
+    device = params["means"].device
+    camera = views.cameras[index : index + 1].to(device)
+    camera.rescale_output_resolution(scale / views.downscale)
+    W, H = int(camera.width.item()), int(camera.height.item())
+    colors = torch.cat([params["features_dc"][:, None], params["features_rest"]], dim=1)
+    if views.sh_degree is None:
+        colors = torch.sigmoid(colors).squeeze(1)
+    render, alpha, info = rasterize(
+        means=params["means"], quats=params["quats"], scales=torch.exp(params["scales"]),
+        opacities=torch.sigmoid(params["opacities"]).squeeze(-1), colors=colors,
+        viewmats=world_to_camera(camera.camera_to_worlds).to(device), Ks=camera.get_intrinsics_matrices().to(device),
+        width=W, height=H, packed=False, sh_degree=views.sh_degree, rasterize_mode=views.rasterize_mode,
+    )
+    return torch.clamp(render[0, ..., :3] + (1 - alpha[0]) * views.background.to(device), 0.0, 1.0), info
+
+
+def training_image(views: ScoringViews, index: int, device) -> torch.Tensor:
+    """Training image ``index`` at the trained resolution (box-downscaled as splatfacto does), on the background."""
+    image = views.images[index].to(device)
+    image = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
+    d = int(views.downscale)
+    return on_background(resize_image(image, d) if d > 1 else image, views.background.to(device))
+
+
 def score_gaussians(params: Dict[str, torch.Tensor], views: ScoringViews, count: int = 0,
                     progress: Optional[Callable[[int, Dict[str, float]], None]] = None) -> Dict[str, torch.Tensor]:
     """Per-Gaussian selection signals of ``params`` (splatfacto-shaped, raw) on ``count`` evenly spaced
@@ -157,27 +185,12 @@ def score_gaussians(params: Dict[str, torch.Tensor], views: ScoringViews, count:
     hessian = torch.zeros(n, device=device)
     total = len(views.images)
     indices = range(total) if count <= 0 else torch.linspace(0, total - 1, count).long().tolist()
-    background = views.background.to(device)
-    d = int(views.downscale)
     for done, i in enumerate(indices, start=1):
-        camera = views.cameras[i : i + 1].to(device)
-        camera.rescale_output_resolution(1 / d)
-        W, H = int(camera.width.item()), int(camera.height.item())
         means = params["means"].clone().requires_grad_(True)
-        colors = torch.cat([params["features_dc"][:, None], params["features_rest"]], dim=1)
-        if views.sh_degree is None:
-            colors = torch.sigmoid(colors).squeeze(1)
-        render, alpha, info = rasterize(
-            means=means, quats=params["quats"], scales=torch.exp(params["scales"]),
-            opacities=torch.sigmoid(params["opacities"]).squeeze(-1), colors=colors,
-            viewmats=world_to_camera(camera.camera_to_worlds).to(device), Ks=camera.get_intrinsics_matrices().to(device),
-            width=W, height=H, packed=False, sh_degree=views.sh_degree, rasterize_mode=views.rasterize_mode,
-        )
+        rgb, info = render_view({**params, "means": means}, views, i)
         info["means2d"].retain_grad()
-        rgb = torch.clamp(render[0, ..., :3] + (1 - alpha[0]) * background, 0.0, 1.0)
-        image = views.images[i].to(device)
-        image = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
-        gt = on_background(resize_image(image, d) if d > 1 else image, background)
+        H, W = rgb.shape[:2]
+        gt = training_image(views, i, device)
         loss = torch.abs(gt - rgb).mean()
         loss.backward()
         g2d = info["means2d"].grad[0] * torch.tensor([W / 2.0, H / 2.0], device=device)
