@@ -1,6 +1,7 @@
 """``ns-train gaussianvae``: the method registered under ``nerfstudio.method_configs``.
 
-Same optimiser settings as splatfacto; the step budget is the stage schedule's. Every nerfstudio dataparser
+Same optimiser settings as splatfacto; the step budget is the stage schedule's, and the step-based settings
+(run length, LR horizon, densification, opacity resets) follow it (:mod:`gvae_ns.step_budget`). Every nerfstudio dataparser
 works (``blender-data``, ``nerfstudio-data``, ``colmap`` ...). The device defaults to CUDA when it is there
 and to the CPU rasterizer (compiled C++, PyTorch fallback) otherwise.
 """
@@ -17,10 +18,11 @@ from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
 from nerfstudio.plugins.types import MethodSpecification
 
 from gvae_ns.model import GaussianVAEModelConfig
+from gvae_ns.stages import DEFAULT_STAGE_STEPS
 from gvae_ns.trainer import GaussianVAETrainerConfig
 
 _MODEL = GaussianVAEModelConfig()
-_TOTAL_STEPS = sum(_MODEL.stage_steps)
+_TOTAL_STEPS = sum(DEFAULT_STAGE_STEPS)
 
 
 def _adam(lr: float) -> dict:

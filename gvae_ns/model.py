@@ -2,8 +2,8 @@
 
 What it changes in ``SplatfactoModel``:
 
-* the training resolution follows :class:`~gvae_ns.stages.StageSchedule` (e.g. 1/8, 1/4, 1/2 of the
-  images), never the data's full resolution unless a stage asks for factor 1;
+* the training resolution follows :class:`~gvae_ns.stages.StageSchedule` (by default 1/4, 1/2, then the
+  images' own resolution), and the view-space gradient statistics restart at each stage switch;
 * rendering goes through :func:`gvae_ns.render.rasterize` (gsplat on CUDA, the compiled CPU rasterizer or its PyTorch reference on CPU) and every
   tensor follows the model's device, so the whole method runs on CPU;
 * LPIPS is built only where its weights are already on disk (no downloads);
@@ -49,7 +49,7 @@ from gvae_ns.refine.result import (
 from gvae_ns.refine.score import ScoringViews
 from gvae_ns.render import rasterize, world_to_camera
 from gvae_ns.run_layout import REFINEMENT_FILE, RunLayout
-from gvae_ns.stages import StageSchedule
+from gvae_ns.stages import DEFAULT_STAGE_STEPS, StageSchedule
 from gvae_ns.tagged_file import Provenance
 from gvae_ns.viewer import RefinementControls
 
@@ -67,19 +67,21 @@ class GaussianVAEModelConfig(SplatfactoModelConfig):
     """Splatfacto trained through resolution stages, with lineage logging and GaussianVAE refinement."""
 
     _target: Type = field(default_factory=lambda: GaussianVAEModel)
-    stage_downscales: Tuple[int, ...] = (8, 4, 2)
-    """Image downscale factor of each resolution stage, coarse to fine. The finest stage should stay coarser
-    than the resolution you evaluate at (the data's own resolution by default), so that refinement has
-    something to add."""
-    stage_steps: Tuple[int, ...] = (3000, 3000, 9000)
-    """Training steps of each resolution stage (one entry per stage)."""
+    stage_downscales: Tuple[int, ...] = (4, 2, 1)
+    """Image downscale factor of each stage, coarse to fine, ending at the data's own resolution (1); refinement
+    extrapolates past it. Keep the coarsest stage at 32 px or more on the short side."""
+    stage_steps: Tuple[int, ...] = DEFAULT_STAGE_STEPS
+    """Training steps of each resolution stage (one entry per stage; the finest should get most of them).
+    Densification, the learning-rate decay and opacity resets follow their total (gvae_ns/step_budget.py)."""
+    rasterize_mode: Literal["classic", "antialiased"] = "antialiased"
+    """Antialiased by default: classic rendering erodes thin structure rendered finer than it was trained."""
     lineage_float16: bool = False
     """Store the per-stage snapshots in the lineage file as float16 (half the size)."""
     refinement_after_training: bool = True
     """Fit the decoder on the lineage and refine the scene as the last phase of ns-train."""
     extrapolate_stages: int = 1
     """Extrapolation stages past the finest trained stage (1..4) in the refinement after training; each stage is
-    one resolution doubling, so with the default stages (finest 1/2) one reaches the data's resolution."""
+    one resolution doubling past it (with the default stages, past the data's own resolution)."""
     extrapolate_select: Literal["hessian", "grad", "all"] = "hessian"
     """Which lineages to extrapolate: top Hessian / view-space-gradient score, gradient only, or all."""
     extrapolate_fraction: float = 0.1
@@ -119,8 +121,7 @@ class GaussianVAEModelConfig(SplatfactoModelConfig):
 DEPRECATED_FIELDS = {"refine_after_training": "refinement_after_training", "refine_steps": "extrapolate_stages",
                      "refine_select": "extrapolate_select", "refine_fraction": "extrapolate_fraction",
                      "refine_vae_steps": "decoder_steps"}
-"""Old config field -> its new name. Old flags are mapped when given; a config.yml written before the rename
-keeps its old fields, which nothing after training reads."""
+"""Old config field -> new name: old flags are mapped; an old config.yml keeps fields nothing reads."""
 
 
 class GaussianVAEModel(SplatfactoModel):
@@ -280,9 +281,13 @@ class GaussianVAEModel(SplatfactoModel):
         self.recorder.stage = self.schedule.stage_at(step)
 
     def after_step(self, step: int) -> None:
-        """Snapshot every Gaussian at the last step of each stage (after densification ran)."""
+        """Snapshot every Gaussian at the last step of each stage, then restart the view-space gradient
+        statistics (the next stage's gradients, at another resolution, are not comparable)."""
         if self.schedule.is_stage_end(step):
             self.snapshot_stage(step)
+            for key in ("grad2d", "count", "radii"):
+                if self.strategy_state.get(key) is not None:
+                    self.strategy_state[key].zero_()
 
     @torch.no_grad()
     def snapshot_stage(self, step: int) -> None:

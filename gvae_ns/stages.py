@@ -8,7 +8,12 @@ stage also takes any steps past the end of the schedule.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
+
+DEFAULT_STAGE_STEPS = (1500, 3000, 10500)
+"""Steps of the default stages (1/4, 1/2, 1/1): 15,000 in all, 70% of them at the data's own resolution."""
+MIN_STAGE_PX = 32
+"""Short side below which a stage is warned about: it has too few pixels to shape anything."""
 
 
 class StageScheduleError(ValueError):
@@ -79,12 +84,19 @@ class StageSchedule:
         """Whether ``step`` is the last step of a stage (where the recorder snapshots)."""
         return step + 1 in self.boundaries[1:]
 
-    def check_image_size(self, width: int, height: int, source: str) -> None:
-        """Raise if the coarsest stage would shrink an image of ``width`` x ``height`` below 8 pixels."""
+    def check_image_size(self, width: int, height: int, source: str) -> Optional[str]:
+        """Raise if the coarsest stage would shrink an image of ``width`` x ``height`` below 8 pixels; return a
+        warning when it leaves fewer than :data:`MIN_STAGE_PX` (else ``None``)."""
         coarsest = max(self.downscales)
-        if min(width, height) // coarsest < 8:
+        short = min(width, height) // coarsest
+        if short < 8:
             raise StageScheduleError(
                 f"{source}: images are {width}x{height}, so stage downscale {coarsest} leaves "
                 f"{width // coarsest}x{height // coarsest} pixels (fewer than 8 per side). Use coarser-to-finer "
                 "factors that fit, e.g. --pipeline.model.stage-downscales 4 2 1, or higher-resolution data."
             )
+        if short < MIN_STAGE_PX:
+            return (f"{source}: images are {width}x{height}, so the coarsest stage (downscale {coarsest}) trains at "
+                    f"{width // coarsest}x{height // coarsest} pixels, under {MIN_STAGE_PX} on the short side, where "
+                    "it can shape little; consider fewer or finer stages (--pipeline.model.stage-downscales).")
+        return None

@@ -34,7 +34,8 @@ from gvae_ns.data_checks import DataCheckError, check_dataset
 from gvae_ns.offline import to_weights_only_safe
 from gvae_ns.refine.cli import RefineConfig, refine_pipeline
 from gvae_ns.run_layout import CONFIG_FILE, RunLayout
-from gvae_ns.stages import StageSchedule, StageScheduleError
+from gvae_ns.stages import DEFAULT_STAGE_STEPS, StageSchedule, StageScheduleError
+from gvae_ns.step_budget import follow_schedule
 
 
 class RunConfigError(ValueError):
@@ -61,9 +62,14 @@ class GaussianVAETrainerConfig(TrainerConfig):
     def save_config(self) -> None:
         """Check the run before anything trains, record the run directory, then save ``config.yml``."""
         try:
+            StageSchedule(tuple(self.pipeline.model.stage_downscales), tuple(self.pipeline.model.stage_steps))
+            changes = follow_schedule(self, sum(DEFAULT_STAGE_STEPS))
             check_run_config(self)
         except (RunConfigError, StageScheduleError, DataCheckError) as err:
             exit_with_message(f"ns-train gaussianvae: {err}")
+        if changes:
+            CONSOLE.print("ns-train gaussianvae: step settings follow the stage schedule: " + "; ".join(changes)
+                          + ".", markup=False, highlight=False, soft_wrap=True)
         self.pipeline.model.run_dir = self.get_base_dir()
         super().save_config()
 
@@ -103,7 +109,10 @@ def check_run_config(config: TrainerConfig) -> None:
     dataparser = config.pipeline.datamanager.dataparser
     size = check_dataset(type(dataparser).__name__, data, dataparser)
     if size is not None:
-        schedule.check_image_size(size[0], size[1], str(data))
+        warning = schedule.check_image_size(size[0], size[1], str(data))
+        if warning:
+            CONSOLE.print(f"ns-train gaussianvae: {warning}", style="yellow", markup=False, highlight=False,
+                          soft_wrap=True)
     check_refine_options(model, schedule, _expected_gaussians(model, data))
 
 

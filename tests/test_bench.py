@@ -114,6 +114,17 @@ def test_suite_files_and_command_line(tmp_path):
     assert [lab for lab in labels if "fine-tune only" in lab] == ["control: fine-tune only at +1", "control: fine-tune only at +2"]
     config.check_config(cfg)
     config.check_config(gpu)
+    lego = config.load_suite(ROOT / "configs" / "bench-lego-cpu.yaml")
+    config.check_config(lego)
+    assert lego.factors == (4, 2) and lego.refine_decoders == cfg.refine_decoders and lego.data is None
+    # one step budget: the baselines train the gaussianvae steps plus the refinement's fine-tune steps
+    runs, _ = plan.plan(cfg, tmp_path / "scene", {2: tmp_path / "x2"})
+    steps = {r.name: r.steps for r in runs}
+    assert steps["ours-x2"] == cfg.steps and steps["splatfacto-antialiased-x2"] == cfg.steps + 200
+    assert steps["oracle"] == cfg.steps + 200
+    short = dataclasses.replace(cfg, refine_args="--finetune-steps 30")
+    assert plan.baseline_steps(short) == cfg.steps + 30
+    assert plan.baseline_steps(dataclasses.replace(cfg, refine_decoders=())) == cfg.steps
     over = run.parse_args(["--config", str(ROOT / "configs" / "bench-cpu.yaml"), "--steps", "40",
                              "--scene.resolution", "48", "--refine-args=--decoder-steps 20"])
     assert (over.steps, over.scene.resolution, over.refine_args) == (40, 48, "--decoder-steps 20")

@@ -59,7 +59,8 @@ class BenchConfig:
     factors: Tuple[int, ...] = (2,)
     """Downscale factors of the low-resolution training copies (each must divide the training image size)."""
     steps: int = 300
-    """Training steps of every row (the same budget for all)."""
+    """Training steps of the gaussianvae runs; the baselines and the oracle train this plus the refinement's
+    fine-tune steps, so that every row has the same step budget."""
     baselines: Tuple[Literal["classic", "antialiased"], ...] = ("classic", "antialiased")
     """splatfacto rasterize modes trained on each LR copy."""
     baseline_impl: Literal["auto", "splatfacto", "cpu"] = "auto"
@@ -71,7 +72,7 @@ class BenchConfig:
     """Train gaussianvae through stages on each LR copy (and refine it)."""
     ours_downscales: Tuple[int, ...] = (4, 2, 1)
     """gaussianvae stage downscales relative to the LR copy (finest 1 = the LR resolution the baselines see)."""
-    ours_stage_fractions: Tuple[float, ...] = (0.25, 0.25, 0.5)
+    ours_stage_fractions: Tuple[float, ...] = (0.1, 0.2, 0.7)
     """Share of --steps each stage gets (one per stage; the last stage takes the rounding remainder)."""
     extrapolate_stages: Tuple[int, ...] = (2,)
     """Extrapolation stages past the finest trained stage to evaluate (each of 1..4 gives a row per selection)."""
@@ -137,6 +138,8 @@ class RunSpec:
     """Training dataset directory."""
     args: Tuple[str, ...]
     """Method flags (before the dataparser subcommand)."""
+    steps: int = 300
+    """Training steps of the run (``--max-num-iterations``)."""
 
 
 @dataclass(frozen=True)

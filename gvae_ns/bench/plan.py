@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from gvae_ns.bench.config import BenchConfig, BenchError, RowSpec, RunSpec, read_json
+from gvae_ns.bench.refine import suite_refine_config
 from gvae_ns.console import say
 from gvae_ns.datasets import check_blender_dir, downscale_blender, write_json
 from gvae_ns.synthetic import write_scene
@@ -42,16 +43,25 @@ def stage_steps(total: int, fractions: Sequence[float]) -> Tuple[int, ...]:
     return (*steps, total - sum(steps))
 
 
+def baseline_steps(cfg: BenchConfig) -> int:
+    """Training steps of the baselines and the oracle: ``steps`` plus the refinement's fine-tune steps, when the
+    suite has refined rows (ours trains ``steps`` through its stages, then fine-tunes): one budget for all."""
+    if not (cfg.ours and cfg.refine_decoders and cfg.extrapolate_stages):
+        return cfg.steps
+    return cfg.steps + int(suite_refine_config(cfg).finetune_steps)
+
+
 def _baseline_spec(cfg: BenchConfig, mode: str, factor: int, data: Path, name: str) -> RunSpec:
     args: Tuple[str, ...] = ("--pipeline.model.rasterize-mode", mode)
+    steps = baseline_steps(cfg)
     if use_stock_splatfacto(cfg):
-        return RunSpec(name, "splatfacto", factor, data, args + tuple(shlex.split(cfg.baseline_args)))
+        return RunSpec(name, "splatfacto", factor, data, args + tuple(shlex.split(cfg.baseline_args)), steps)
     args += (
         "--pipeline.model.stage-downscales", "1",
-        "--pipeline.model.stage-steps", str(cfg.steps),
+        "--pipeline.model.stage-steps", str(steps),
         "--pipeline.model.refinement-after-training", "False",
     )
-    return RunSpec(name, "gaussianvae", factor, data, args + tuple(shlex.split(cfg.baseline_args)))
+    return RunSpec(name, "gaussianvae", factor, data, args + tuple(shlex.split(cfg.baseline_args)), steps)
 
 
 def baseline_label(cfg: BenchConfig, mode: str) -> str:
@@ -78,7 +88,7 @@ def plan(cfg: BenchConfig, data: Path, lowres: Dict[int, Path]) -> Tuple[List[Ru
                 "--pipeline.model.refinement-after-training", "False",
                 *shlex.split(cfg.ours_args),
             )
-            runs.append(RunSpec(name, "gaussianvae", factor, lowres[factor], args))
+            runs.append(RunSpec(name, "gaussianvae", factor, lowres[factor], args, cfg.steps))
             stages = "/".join(str(d) for d in cfg.ours_downscales)
             rows.append(RowSpec(name, f"gaussianvae stages 1/{stages}, no refinement", "ours", factor, name))
             for decoder in cfg.refine_decoders:

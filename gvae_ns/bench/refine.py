@@ -45,17 +45,27 @@ def refined(cfg: BenchConfig, row: RowSpec, run_record: dict) -> Optional[dict]:
     return None
 
 
+def suite_refine_config(cfg: BenchConfig) -> RefineConfig:
+    """gvae-refine's settings with the suite's ``refine_args`` (the run and the row's own fields left out)."""
+    return _parse_refine_args(cfg, RefineConfig(load_config=Path("config.yml")))
+
+
+def _parse_refine_args(cfg: BenchConfig, default: RefineConfig) -> RefineConfig:
+    if not cfg.refine_args:
+        return default
+    try:
+        return tyro.cli(RefineConfig, default=default, args=shlex.split(cfg.refine_args))
+    except SystemExit:
+        raise BenchError(f"refine_args {cfg.refine_args!r} are not valid gvae-refine flags (see gvae-refine "
+                         "--help).") from None
+
+
 def refine_config(cfg: BenchConfig, row: RowSpec, config_path: Path) -> RefineConfig:
     """The :class:`~gvae_ns.refine.cli.RefineConfig` that refines ``row`` of the run at ``config_path`` (its config.yml)."""
     decoder = row.refine_decoder or "temporal"
     refine_cfg = RefineConfig(load_config=config_path, stages=row.extrapolate_stages, select=row.refine_select,
                               fraction=cfg.refine_fraction, output=refinement_path(cfg.output, row), decoder=decoder)
-    if cfg.refine_args:
-        try:
-            refine_cfg = tyro.cli(RefineConfig, default=refine_cfg, args=shlex.split(cfg.refine_args))
-        except SystemExit:
-            raise BenchError(f"refine_args {cfg.refine_args!r} are not valid gvae-refine flags (see gvae-refine "
-                             "--help).") from None
+    refine_cfg = _parse_refine_args(cfg, refine_cfg)
     if refine_cfg.decoder != decoder:
         raise BenchError(f"refine_args {cfg.refine_args!r} set --decoder; list decoders in refine_decoders instead.")
     return refine_cfg

@@ -65,8 +65,14 @@ def format_table(results: Dict[str, Any]) -> str:
         lines.append(f"Dataset `{data.get('path')}`: {data.get('test_views')} test view(s) scored at "
                      f"{data.get('width')}x{data.get('height')} px; training copies {data.get('factors')}.")
     if suite:
-        lines.append(f"Every row trained for {suite.get('steps')} steps ({suite.get('jobs')} training(s) at once) "
-                     f"on {env.get('device', 'unknown device')}.")
+        budget = results.get("budget") or {}
+        if budget.get("finetune"):
+            steps = (f"gaussianvae trained for {budget['ours']} steps through its stages and its refined rows add "
+                     f"{budget['finetune']} fine-tune steps; the baselines and the oracle trained for "
+                     f"{budget['baselines']} steps, the same budget")
+        else:
+            steps = f"Every row trained for {suite.get('steps')} steps"
+        lines.append(f"{steps} ({suite.get('jobs')} training(s) at once) on {env.get('device', 'unknown device')}.")
     lines.append("")
     lines.append("| scale | method | " + " | ".join(c[0] for c in _COLUMNS) + " |")
     lines.append("|---|---|" + "---:|" * len(_COLUMNS))

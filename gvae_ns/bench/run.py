@@ -30,7 +30,7 @@ from gvae_ns.bench.evaluate import (
     free_memory,
     load_pipeline,
 )
-from gvae_ns.bench.plan import plan, prepare_data
+from gvae_ns.bench.plan import baseline_steps, plan, prepare_data
 from gvae_ns.bench.refine import refine_row, refined, refinement_path
 from gvae_ns.bench.report import environment, render_path, slug_path, write_reports
 from gvae_ns.bench.train import Budget, train_all
@@ -168,6 +168,7 @@ def run_bench(cfg: BenchConfig, log=say) -> Dict[str, Any]:
             "height": first["metrics"]["height"] if first else None,
             "width": first["metrics"]["width"] if first else None,
         },
+        "budget": {"ours": cfg.steps, "baselines": baseline_steps(cfg), "finetune": baseline_steps(cfg) - cfg.steps},
         "complete": all(e.get("status") == "ok" for e in entries.values()),
         "rows": [entries[row.name] for row in rows],
     }
