@@ -134,7 +134,7 @@ def _views(params, side: int = 16, n: int = 2):
     views = ScoringViews(cameras=cameras, images=[torch.zeros(side, side, 3)] * n, downscale=1,
                          background=torch.ones(3), sh_degree=None, rasterize_mode="antialiased")
     with torch.no_grad():
-        views.images = [_render_down(params, views, i, 2) for i in range(n)]
+        views.images = [_render_down(params, views, i, 2)[0] for i in range(n)]
     return views
 
 
@@ -149,8 +149,46 @@ def test_finetune_fits_the_training_views_through_averaged_down_renders():
     views = _views(truth)
     start = {**truth, "features_dc": torch.zeros(n, 3), "opacities": torch.full((n, 1), -1.0)}
     before = held_out_loss(start, views, 2)
-    tuned = finetune(start, views, factor=2, steps=60, seed=0)
+    tuned, is_new, kept = finetune(start, views, factor=2, steps=60, seed=0)
+    assert not is_new.any() and torch.equal(kept, torch.arange(n)), "no densification: the same rows"
     after = held_out_loss(tuned, views, 2)
     assert after < 0.7 * before, (before, after)
     assert held_out_loss(truth, views, 2) < 1e-3
     assert torch.equal(start["features_dc"], torch.zeros(n, 3)), "the input is left as it is"
+
+
+def test_finetune_densifies_and_keeps_the_refinement_layout():
+    """With a densification policy the fine-tune splits what the fine renders call for: the added rows come
+    last and are new, the surviving rows keep their order and say where they came from."""
+    from gsplat.strategy import DefaultStrategy
+
+    from gvae_ns.refine.finetune import finetune, finetune_strategy
+
+    g = torch.Generator().manual_seed(1)
+    n = 40
+    truth = {"means": torch.randn(n, 3, generator=g) * 0.4, "scales": torch.full((n, 3), -3.0),
+             "quats": torch.randn(n, 4, generator=g), "features_dc": torch.randn(n, 3, generator=g) * 2,
+             "features_rest": torch.zeros(n, 0, 3), "opacities": torch.full((n, 1), 2.0)}
+    views = _views(truth, side=24)
+    coarse = 8  # a few wide Gaussians where the truth has many small ones
+    scales = torch.full((coarse, 3), -1.2)
+    scales[::2] = -3.0  # small ones are cloned (and stay), wide ones split (and go)
+    start = {"means": torch.randn(coarse, 3, generator=g) * 0.3, "scales": scales,
+             "quats": torch.tensor([[1.0, 0.0, 0.0, 0.0]]).repeat(coarse, 1),
+             "features_dc": torch.zeros(coarse, 3), "features_rest": torch.zeros(coarse, 0, 3),
+             "opacities": torch.full((coarse, 1), 0.0)}
+    marked = torch.zeros(coarse, dtype=torch.bool)
+    marked[-2:] = True  # the last two rows stand for a decoder's proposals
+    policy = DefaultStrategy(grow_grad2d=1e-6, grow_scale3d=0.1, prune_opa=0.001, absgrad=False)
+    strategy = finetune_strategy(policy, 80)
+    assert strategy is not None and strategy.refine_every == 20 and strategy.reset_every > 80
+    assert finetune_strategy(policy, 30) is None and finetune_strategy(None, 200) is None
+    tuned, is_new, kept = finetune(start, views, factor=2, steps=80, seed=0, is_new=marked, strategy=strategy)
+    m = tuned["means"].shape[0]
+    assert m > coarse, "the densification added Gaussians"
+    assert is_new.shape == (m,) and is_new.sum() > 2
+    n_kept = int((~is_new).sum())
+    assert not is_new[:n_kept].any() and is_new[n_kept:].all(), "kept rows first, then the added ones"
+    assert 0 < len(kept) == n_kept and torch.all(kept[1:] > kept[:-1]) and int(kept.max()) < coarse - 2
+    assert torch.allclose(tuned["scales"][:n_kept], start["scales"][kept], atol=0.5), "kept rows are the inputs'"
+    assert torch.isfinite(tuned["means"]).all()

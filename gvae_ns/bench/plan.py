@@ -89,8 +89,8 @@ def plan(cfg: BenchConfig, data: Path, lowres: Dict[int, Path]) -> Tuple[List[Ru
                 *shlex.split(cfg.ours_args),
             )
             runs.append(RunSpec(name, "gaussianvae", factor, lowres[factor], args, cfg.steps))
-            stages = "/".join(str(d) for d in cfg.ours_downscales)
-            rows.append(RowSpec(name, f"gaussianvae stages 1/{stages}, no refinement", "ours", factor, name))
+            stages = ", ".join(f"1/{d}" for d in cfg.ours_downscales)
+            rows.append(RowSpec(name, f"gaussianvae stages {stages}, no refinement", "ours", factor, name))
             for decoder in cfg.refine_decoders:
                 suffix, tag = _DECODER_TAG[decoder]
                 for k in cfg.extrapolate_stages:

@@ -28,9 +28,14 @@ def refinement_path(output: Path, row: RowSpec) -> Path:
     return output.resolve() / "refinements" / f"{row.name}.pt"
 
 
+REFINE_METHOD = 2
+"""Bumped when what a refinement computes changes (2: the fine-tune densifies), so older ones are made again."""
+
+
 def _refine_fingerprint(cfg: BenchConfig, row: RowSpec, run_record: dict) -> str:
     spec = {"run": [run_record.get("fingerprint"), run_record.get("finished_at")], "steps": row.extrapolate_stages,
-            "select": row.refine_select, "fraction": cfg.refine_fraction, "args": shlex.split(cfg.refine_args)}
+            "select": row.refine_select, "fraction": cfg.refine_fraction, "args": shlex.split(cfg.refine_args),
+            "method": REFINE_METHOD}
     if row.refine_decoder not in (None, "temporal"):  # temporal refinements made before the field stay valid
         spec["decoder"] = row.refine_decoder
     return fingerprint(spec)

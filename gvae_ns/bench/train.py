@@ -96,7 +96,7 @@ def _finish_training(cfg: BenchConfig, spec: RunSpec, rc: int, wall_s: float, lo
         # config.yml is written just before the trainer sets up; the last checkpoint right after the last step.
         train_s = ckpt.stat().st_mtime - (directory / "config.yml").stat().st_mtime
         record.update(status="ok", config=str(directory / "config.yml"), checkpoint=str(ckpt),
-                      train_s=round(train_s, 2), steps=cfg.steps, finished_at=time.time())
+                      train_s=round(train_s, 2), steps=spec.steps, finished_at=time.time())
     write_json(cfg.output.resolve() / "runs" / spec.name / "train.json", record)
     return record
 
@@ -126,7 +126,7 @@ def train_all(cfg: BenchConfig, runs: Sequence[RunSpec], budget: Budget, log=pri
                 (cfg.output.resolve() / "runs" / spec.name).mkdir(parents=True)
                 log_path = logs / f"train-{spec.name}.log"
                 handle = open(log_path, "w", encoding="utf-8")
-                log(f"[train] {spec.name}: {spec.method} on {spec.data.name} for {cfg.steps} steps (log: {log_path})")
+                log(f"[train] {spec.name}: {spec.method} on {spec.data.name} for {spec.steps} steps (log: {log_path})")
                 proc = subprocess.Popen(train_command(cfg, spec), stdout=handle, stderr=subprocess.STDOUT, env=env,
                                         cwd=str(cfg.output.resolve()))
                 running.append((spec, proc, time.monotonic(), log_path, handle))

@@ -23,7 +23,7 @@ from torch import Tensor
 from gvae_ns.console import say
 from gvae_ns.progress import phase
 from gvae_ns.refine.decoder import decoder_class, decoder_for_run
-from gvae_ns.refine.finetune import finetune, held_out_loss
+from gvae_ns.refine.finetune import finetune, finetune_strategy, held_out_loss
 from gvae_ns.refine.refiner import MAX_STAGES, Refiner, RunState, check_lineage
 from gvae_ns.refine.result import (
     Refinement,
@@ -192,7 +192,8 @@ def refine_pipeline(config: RefineConfig, pipeline, step: Optional[int] = None) 
         say(f"gvae-refine: {refinement.describe()} in {elapsed * 1000:.0f} ms")
         if config.finetune_steps > 0:
             held_out = model.scoring_views(dm.eval_dataset.cameras, [d["image"] for d in dm.cached_eval])
-            refinement = finetune_refinement(config, run, refinement, views, held_out, writer_step=int(step or 0))
+            refinement = finetune_refinement(config, run, refinement, views, held_out, writer_step=int(step or 0),
+                                             strategy=finetune_strategy(model.strategy, config.finetune_steps))
             refiner.remember(refinement)
     finally:
         model.train(was_training)
@@ -202,24 +203,36 @@ def refine_pipeline(config: RefineConfig, pipeline, step: Optional[int] = None) 
 
 
 def finetune_refinement(config: RefineConfig, run: RunState, refinement: Refinement, views: ScoringViews,
-                        held_out: ScoringViews, writer_step: int = 0) -> Refinement:
-    """``refinement`` after the sub-pixel fine-tune (:mod:`gvae_ns.refine.finetune`) when that does not raise the
-    loss on the ``held_out`` views against the trained scene; else the trained scene itself (nothing added)."""
+                        held_out: ScoringViews, writer_step: int = 0,
+                        strategy: Optional[DefaultStrategy] = None) -> Refinement:
+    """``refinement`` after the sub-pixel fine-tune (:mod:`gvae_ns.refine.finetune`; ``strategy``: its
+    densification) when that does not raise the loss on the ``held_out`` views against the trained scene; else
+    the trained scene itself (nothing added)."""
     factor = 2 ** int(refinement.steps)
     with phase("Fine-tune", config.finetune_steps, writer_step) as advance:
-        tuned = finetune(refinement.params, views, factor, config.finetune_steps, seed=config.seed, progress=advance)
+        params, is_new, kept = finetune(refinement.params, views, factor, config.finetune_steps, seed=config.seed,
+                                        progress=advance, is_new=refinement.is_new, strategy=strategy)
+    originals = torch.ones(refinement.num_original, dtype=torch.bool)
+    originals[refinement.removed] = False
+    survivors = torch.where(originals)[0][kept.cpu()]
+    originals[:] = True
+    originals[survivors] = False  # now: the originals no longer in the scene as they were
+    tuned = dataclasses.replace(refinement, params=params, is_new=is_new.cpu(), removed=torch.where(originals)[0])
+    if strategy is not None:
+        say(f"gvae-refine: the fine-tune's densification left {tuned.num_added} added Gaussians "
+            f"(the proposals had {refinement.num_added}), {len(tuned.removed)} originals replaced or pruned")
     if len(held_out.images) == 0:
         say("gvae-refine: the run has no held-out (evaluation) views to check the fine-tune on; it is kept unchecked.",
             style="yellow")
-        return dataclasses.replace(refinement, params=tuned)
+        return tuned
     trained_loss = held_out_loss(run.params, held_out, factor)
-    tuned_loss = held_out_loss(tuned, held_out, factor)
-    kept = tuned_loss <= trained_loss
+    tuned_loss = held_out_loss(tuned.params, held_out, factor)
+    better = tuned_loss <= trained_loss
     say(f"gvae-refine: fine-tuned {config.finetune_steps} steps; held-out loss over {len(held_out.images)} views "
         f"{tuned_loss:.5f} against {trained_loss:.5f} for the trained scene: "
-        + ("kept" if kept else "not kept, the trained scene is the refinement"))
-    if kept:
-        return dataclasses.replace(refinement, params=tuned)
+        + ("kept" if better else "not kept, the trained scene is the refinement"))
+    if better:
+        return tuned
     n = run.num_gaussians
     empty = torch.zeros(0, dtype=torch.long)
     return dataclasses.replace(refinement, params={k: v.detach().cpu() for k, v in run.params.items()},

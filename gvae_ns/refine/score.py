@@ -141,9 +141,9 @@ def on_background(image: torch.Tensor, background: torch.Tensor) -> torch.Tensor
 
 
 def render_view(params: Dict[str, torch.Tensor], views: ScoringViews, index: int,
-                scale: float = 1.0) -> Tuple[torch.Tensor, Dict]:
+                scale: float = 1.0, absgrad: bool = False) -> Tuple[torch.Tensor, Dict]:
     """View ``index`` rendered from ``params`` (splatfacto-shaped, raw) at ``scale`` x the trained resolution:
-    ``[H, W, 3]`` on the background, and gsplat's ``info``."""
+    ``[H, W, 3]`` on the background, and gsplat's ``info`` (``absgrad``: with the absolute 2D gradients)."""
     device = params["means"].device
     camera = views.cameras[index : index + 1].to(device)
     camera.rescale_output_resolution(scale / views.downscale)
@@ -156,6 +156,7 @@ def render_view(params: Dict[str, torch.Tensor], views: ScoringViews, index: int
         opacities=torch.sigmoid(params["opacities"]).squeeze(-1), colors=colors,
         viewmats=world_to_camera(camera.camera_to_worlds).to(device), Ks=camera.get_intrinsics_matrices().to(device),
         width=W, height=H, packed=False, sh_degree=views.sh_degree, rasterize_mode=views.rasterize_mode,
+        absgrad=absgrad,
     )
     return torch.clamp(render[0, ..., :3] + (1 - alpha[0]) * views.background.to(device), 0.0, 1.0), info
 
