@@ -28,8 +28,9 @@ def refinement_path(output: Path, row: RowSpec) -> Path:
     return output.resolve() / "refinements" / f"{row.name}.pt"
 
 
-REFINE_METHOD = 2
-"""Bumped when what a refinement computes changes (2: the fine-tune densifies), so older ones are made again."""
+REFINE_METHOD = 3
+"""Bumped when what a refinement computes changes (3: the fine-tune's densification is opt-in), so older ones are
+made again."""
 
 
 def _refine_fingerprint(cfg: BenchConfig, row: RowSpec, run_record: dict) -> str:

@@ -60,6 +60,9 @@ class RefineConfig:
     """Steps of the sub-pixel fine-tune after extrapolation (renders at the target resolution, averaged down,
     against the training views); 0: none. The result is kept only if it does not raise the loss on the run's
     held-out (evaluation) views."""
+    finetune_densify: bool = False
+    """Densify during the fine-tune (the run's thresholds, three rounds). Off by default: on the lego CPU suite
+    (2026-12-03) it raised the held-out loss on every refinement, so none was kept."""
     retrain_decoder: bool = False
     """Train the decoder again even if its file (vae.pt / densify_head.pt) exists beside the run."""
     decoder_steps: int = 1500
@@ -193,7 +196,8 @@ def refine_pipeline(config: RefineConfig, pipeline, step: Optional[int] = None) 
         if config.finetune_steps > 0:
             held_out = model.scoring_views(dm.eval_dataset.cameras, [d["image"] for d in dm.cached_eval])
             refinement = finetune_refinement(config, run, refinement, views, held_out, writer_step=int(step or 0),
-                                             strategy=finetune_strategy(model.strategy, config.finetune_steps))
+                                             strategy=finetune_strategy(model.strategy, config.finetune_steps)
+                                             if config.finetune_densify else None)
             refiner.remember(refinement)
     finally:
         model.train(was_training)

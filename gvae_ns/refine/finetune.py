@@ -5,9 +5,10 @@ fine-tune supervises it the only way the data allows: each step renders a traini
 resolution, averages it down by ``2**k`` (box filter, what a camera of the trained resolution integrates) and
 compares it with the training image at the trained resolution, with splatfacto's loss (``0.8 L1 + 0.2
 D-SSIM``). The optimiser is Adam with splatfacto's learning rates (positions at the end of its decay), for a
-bounded number of steps. Densification runs as the run trained (its thresholds: gsplat's clone, split and
-prune on the view-space gradients of the fine-resolution renders), three times, at a quarter, half and three
-quarters of the steps, without opacity resets; Gaussians it adds are marked new like the decoder's.
+bounded number of steps. With ``gvae-refine --finetune-densify`` densification runs as the run trained (its
+thresholds: gsplat's clone, split and prune on the view-space gradients of the fine-resolution renders), three
+times, at a quarter, half and three quarters of the steps, without opacity resets; Gaussians it adds are marked
+new like the decoder's. It is off by default: on the lego CPU suite it raised the held-out loss every time.
 
 :func:`held_out_loss` is the same loss on views the fine-tune never sees (the run's evaluation split);
 :func:`gvae_ns.refine.cli.refine_pipeline` keeps a fine-tuned refinement only when its held-out loss is not
