@@ -15,6 +15,7 @@ from pathlib import Path
 from gvae_ns.bench.evaluate import evaluate_pipeline, load_pipeline
 from gvae_ns.refine.cli import RefineConfig, build_refiner, finetune_refinement, load_refiner
 from gvae_ns.refine.cli import load_pipeline as load_val_pipeline
+from gvae_ns.refine.finetune import finetune_strategy
 
 
 def main() -> None:
@@ -24,6 +25,9 @@ def main() -> None:
     parser.add_argument("--selects", nargs="+", default=["hessian", "all"], help="selections to score")
     parser.add_argument("--finetune-steps", type=int, default=RefineConfig.finetune_steps,
                         help="fine-tune steps of every row (0: the proposals alone)")
+    parser.add_argument("--temperature", type=float, default=RefineConfig.temperature,
+                        help="latent noise of the VAE's draws (0: the prior's mean; 1: the draws before 2026-12-02)")
+    parser.add_argument("--finetune-densify", action="store_true", help="densify during the fine-tune")
     args = parser.parse_args()
     pipeline = load_pipeline(args.config)
     model = pipeline.model
@@ -38,7 +42,8 @@ def main() -> None:
     report("trained, no refinement")
     dm = pipeline.datamanager
     views = model.scoring_views(dm.train_dataset.cameras, [d["image"] for d in dm.cached_train])
-    config = RefineConfig(load_config=args.config, finetune_steps=args.finetune_steps)
+    config = RefineConfig(load_config=args.config, finetune_steps=args.finetune_steps, temperature=args.temperature,
+                          finetune_densify=args.finetune_densify)
     # the held-out check uses the run's val split, as gvae-refine does; this pipeline holds the scored test split
     val_dm = load_val_pipeline(config)[0].datamanager
     held_out = model.scoring_views(val_dm.eval_dataset.cameras, [d["image"] for d in val_dm.cached_eval])
@@ -49,7 +54,9 @@ def main() -> None:
     def refined(source, k: int, select: str):
         refinement = source.refine(k, select)
         if args.finetune_steps > 0:
-            refinement = finetune_refinement(config, run, refinement, views, held_out)
+            strategy = finetune_strategy(model.strategy, config.finetune_steps) if config.finetune_densify else None
+            refinement = finetune_refinement(config, run, refinement, views, held_out, strategy=strategy)
+        print(f"|   ({refinement.describe()}) | | | |", flush=True)
         return refinement
 
     for k in args.stages:

@@ -110,7 +110,7 @@ def run_bench(cfg: BenchConfig, log=say) -> Dict[str, Any]:
         row_fp = _row_fingerprint(cfg, row, run_record, refine_records.get(row.name))
         if saved and saved.get("status") == "ok" and saved.get("fingerprint") == row_fp:
             log(f"[skip] {row.name}: evaluated already")
-            entries[row.name] = saved
+            entries[row.name] = {**saved, "label": row.label}  # labels follow the code, results the fingerprints
             continue
         to_eval.setdefault(row.run, []).append(row)
 
