@@ -9,7 +9,10 @@ and the problem:
 * each frame: a ``file_path`` (Blender, nerfstudio-data), an image that exists and decodes (``PIL``'s
   ``verify``, which reads the whole file without decoding pixels);
 * image sizes: one size per split (Blender), the size the transforms or the COLMAP camera declare
-  (nerfstudio-data, COLMAP), and large enough for the coarsest resolution stage.
+  (nerfstudio-data, COLMAP), and large enough for the coarsest resolution stage;
+* nerfstudio-data frames: a camera pose (``transform_matrix``) and the intrinsics ``fl_x``, ``fl_y``, ``cx``,
+  ``cy``, ``w``, ``h``, resolved as nerfstudio resolves them (:func:`frame_intrinsics`: a key at the top level
+  holds for every frame, else each frame needs its own).
 
 The first image size found is returned so the caller can check it against the stage schedule.
 """
@@ -20,9 +23,14 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 BLENDER_SPLITS = ("train", "val", "test")
+INTRINSIC_KEYS = ("fl_x", "fl_y", "cx", "cy", "w", "h")
+"""The pinhole intrinsics (pixels) nerfstudio-data needs for every frame, at the top level or per frame."""
+DISTORTION_KEYS = ("k1", "k2", "k3", "k4", "p1", "p2")
+"""nerfstudio's distortion coefficients, in the order of ``camera_utils.get_distortion_params``."""
 
 
 class DataCheckError(ValueError):
@@ -120,11 +128,50 @@ def _check_blender(data: Path) -> Tuple[int, int]:
     return train_size
 
 
-def _declared_size(meta: dict, frame: dict) -> Optional[Tuple[int, int]]:
-    w, h = frame.get("w", meta.get("w")), frame.get("h", meta.get("h"))
-    if w is None or h is None:
-        return None
-    return int(w), int(h)
+def frame_intrinsics(meta: dict, frame: dict) -> Dict[str, Optional[float]]:
+    """``{key: value}`` of :data:`INTRINSIC_KEYS` for one nerfstudio-data frame, as nerfstudio's dataparser
+    reads them: a key at the top level of transforms.json holds for every frame (the frame's own is ignored),
+    else the frame's; None where neither has it."""
+    out: Dict[str, Optional[float]] = {}
+    for key in INTRINSIC_KEYS:
+        value = meta[key] if key in meta else frame.get(key)
+        out[key] = None if value is None else float(value)
+    return out
+
+
+def frame_distortion(meta: dict, frame: dict) -> Tuple[float, ...]:
+    """One frame's :data:`DISTORTION_KEYS` as nerfstudio's dataparser reads them: the top level's when it has any
+    distortion key (or ``distortion_params``), else the frame's; missing coefficients are 0."""
+    source = meta if any(k in meta for k in (*DISTORTION_KEYS, "distortion_params")) else frame
+    if "distortion_params" in source:
+        return tuple(float(v) for v in source["distortion_params"])
+    return tuple(float(source.get(k, 0.0)) for k in DISTORTION_KEYS)
+
+
+def _check_frame_camera(path: Path, meta: dict, frame: dict, i: int, file_path: str) -> Tuple[int, int]:
+    """A frame's pose and intrinsics, as nerfstudio-data needs them; returns the declared ``(w, h)``."""
+    pose = frame.get("transform_matrix")
+    try:
+        matrix = np.asarray(pose, dtype=np.float64)
+    except (TypeError, ValueError):
+        matrix = np.zeros(0)
+    if matrix.shape not in ((4, 4), (3, 4)) or not np.isfinite(matrix).all():
+        what = "has no camera pose" if pose is None else "has a camera pose that is not a 4x4 matrix of numbers"
+        raise DataCheckError(
+            f"{path}: frame {i} ({file_path}) {what} ('transform_matrix', camera-to-world). A frame the pose "
+            "estimation could not place cannot train: remove the frame, or re-run ns-process-data / COLMAP.")
+    values = frame_intrinsics(meta, frame)
+    missing = [k for k, v in values.items() if v is None]
+    if missing:
+        raise DataCheckError(
+            f"{path}: frame {i} ({file_path}) has no {', '.join(missing)}, and the file gives none at the top "
+            "level. nerfstudio-data needs fl_x, fl_y, cx, cy (pixels) and w, h either once at the top level (one "
+            "camera) or in every frame; add them (camera_angle_x alone is the Blender format: use blender-data).")
+    bad = [k for k, v in values.items() if not (np.isfinite(v) and v > 0)]
+    if bad:
+        raise DataCheckError(f"{path}: frame {i} ({file_path}): {', '.join(bad)} must be positive numbers, got "
+                             f"{', '.join(str(values[k]) for k in bad)}. Fix the intrinsics.")
+    return int(values["w"]), int(values["h"])
 
 
 def _check_nerfstudio(data: Path) -> Tuple[int, int]:
@@ -135,8 +182,8 @@ def _check_nerfstudio(data: Path) -> Tuple[int, int]:
     for i, (frame, file_path) in enumerate(zip(meta["frames"], _file_paths(path, meta["frames"]))):
         image = Path(file_path) if Path(file_path).is_absolute() else root / file_path
         size = _image_size(image, path, f"frame {i}")
-        declared = _declared_size(meta, frame)
-        if declared is not None and declared != size:
+        declared = _check_frame_camera(path, meta, frame, i, file_path)
+        if declared != size:
             raise DataCheckError(
                 f"{path}: frame {i} declares {declared[0]}x{declared[1]} pixels (w, h) but its image {image} is "
                 f"{size[0]}x{size[1]}. Fix w/h (and the intrinsics with them) or the image.")

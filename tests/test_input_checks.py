@@ -133,11 +133,35 @@ def test_nerfstudio_image_size_must_match_the_declared_size(tmp_path):
 def test_nerfstudio_per_frame_sizes_are_honoured(tmp_path):
     data = _nerfstudio_capture(tmp_path / "cap")
     _png(data / "images" / "frame_00003.png", 12, 20)
+    _edit_frames(data / "transforms.json", lambda frames: frames[3].update(w=12, h=20))
+    # nerfstudio's rule: a top-level w / h holds for every frame, so frame 3's own size is ignored
+    with pytest.raises(DataCheckError, match=r"frame 3 declares 24x40 .* is 12x20"):
+        check_dataset("NerfstudioDataParserConfig", data)
+    meta = json.loads((data / "transforms.json").read_text())
+    for frame in meta["frames"]:
+        frame.setdefault("w", meta["w"])
+        frame.setdefault("h", meta["h"])
+    del meta["w"], meta["h"]
+    (data / "transforms.json").write_text(json.dumps(meta))
+    assert check_dataset("NerfstudioDataParserConfig", data) == (24, 40)
 
-    def per_frame(frames):
-        frames[3].update(w=12, h=20)
 
-    _edit_frames(data / "transforms.json", per_frame)
+def test_nerfstudio_frames_need_a_pose_and_intrinsics(tmp_path):
+    data = _nerfstudio_capture(tmp_path / "cap")
+    _edit_frames(data / "transforms.json", lambda frames: frames[2].pop("transform_matrix"))
+    with pytest.raises(DataCheckError, match=r"frame 2 \(images/frame_00002\.png\) has no camera pose"):
+        check_dataset("NerfstudioDataParserConfig", data)
+    _edit_frames(data / "transforms.json", lambda frames: frames[2].update(transform_matrix=[[1, 0], [0, 1]]))
+    with pytest.raises(DataCheckError, match=r"frame 2 .* not a 4x4 matrix"):
+        check_dataset("NerfstudioDataParserConfig", data)
+    _edit_frames(data / "transforms.json", lambda frames: frames[2].update(transform_matrix=np.eye(4).tolist()))
+    meta = json.loads((data / "transforms.json").read_text())
+    del meta["fl_y"], meta["cx"]
+    (data / "transforms.json").write_text(json.dumps(meta))
+    with pytest.raises(DataCheckError, match=r"frame 0 \(images/frame_00000\.png\) has no fl_y, cx, and the file "
+                                             r"gives none at the top level"):
+        check_dataset("NerfstudioDataParserConfig", data)
+    _edit_frames(data / "transforms.json", lambda frames: [f.update(fl_y=30.0, cx=12.0) for f in frames])
     assert check_dataset("NerfstudioDataParserConfig", data) == (24, 40)
 
 
