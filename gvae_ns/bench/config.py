@@ -43,6 +43,28 @@ class SceneConfig:
 
 
 @dataclass
+class CaptureConfig:
+    """How --data is read when it is a capture (nerfstudio-data or COLMAP) rather than Blender-format data."""
+
+    layout: Literal["auto", "blender", "nerfstudio", "colmap"] = "auto"
+    """Layout of --data. 'auto': Blender when it has transforms_train.json, nerfstudio-data when it has
+    transforms.json (or is a .json file), COLMAP when it has colmap/sparse/0 or sparse/0, in that order."""
+    holdout_every: int = 8
+    """nerfstudio-data / COLMAP: every N-th frame in file-name order, starting with the first, is held out and
+    scored (LLFF's convention, nerfstudio's --eval-mode interval); the others train. Blender data keeps its own
+    test split."""
+    score_downscale: int = 1
+    """nerfstudio-data / COLMAP: the held-out views are scored at the capture's resolution divided by this (the
+    benchmark's "full" resolution; fox: 2, i.e. 540x960); the training copies are ``factors`` below that, so they
+    are at 1 / (score_downscale x factor). It and each product must divide every image's width and height."""
+    colmap_path: Optional[Path] = None
+    """COLMAP: the reconstruction folder (cameras / images .bin or .txt) relative to --data; default
+    colmap/sparse/0 (ns-process-data's layout), else sparse/0 (COLMAP's)."""
+    images_path: Path = Path("images")
+    """COLMAP: the image folder relative to --data."""
+
+
+@dataclass
 class BenchConfig:
     """Super-resolution benchmark: LR baselines vs gaussianvae (+ refinement) vs full-resolution oracle."""
 
@@ -51,9 +73,12 @@ class BenchConfig:
     name: str = "gvae-bench"
     """Title of the results table."""
     data: Optional[Path] = None
-    """Blender-format dataset with full-resolution test views; leave unset to render the built-in scene."""
+    """Dataset: Blender-format with full-resolution test views, or a capture in nerfstudio-data (transforms.json)
+    or COLMAP layout (see ``capture``); leave unset to render the built-in scene."""
     scene: SceneConfig = field(default_factory=SceneConfig)
     """The built-in scene (only used without --data)."""
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    """Layout, held-out split and scoring resolution of a nerfstudio-data / COLMAP capture given as --data."""
     output: Path = Path("outputs/bench")
     """Output directory: data copies, runs, results.json, results.md, crops.png. Reused to resume."""
     factors: Tuple[int, ...] = (2,)
@@ -140,6 +165,10 @@ class RunSpec:
     """Method flags (before the dataparser subcommand)."""
     steps: int = 300
     """Training steps of the run (``--max-num-iterations``)."""
+    dataparser: Literal["blender-data", "nerfstudio-data"] = "blender-data"
+    """ns-train dataparser of ``data``: Blender-format data, or a capture's nerfstudio-data copy."""
+    data_fingerprint: str = ""
+    """Fingerprint of a capture copy's transforms.json (empty for Blender data), so a changed copy retrains."""
 
 
 @dataclass(frozen=True)
@@ -271,6 +300,11 @@ def check_config(cfg: BenchConfig) -> None:
         raise BenchError(f"refine_decoders must not repeat a decoder, got {cfg.refine_decoders}.")
     if not 0 < cfg.refine_fraction <= 1:
         raise BenchError(f"refine_fraction must be in (0, 1], got {cfg.refine_fraction}.")
+    if cfg.capture.holdout_every < 2:
+        raise BenchError(f"capture.holdout_every must be >= 2 (every N-th frame is held out), got "
+                         f"{cfg.capture.holdout_every}.")
+    if cfg.capture.score_downscale < 1:
+        raise BenchError(f"capture.score_downscale must be >= 1, got {cfg.capture.score_downscale}.")
     if cfg.max_test_views is not None and cfg.max_test_views < 1:
         raise BenchError(f"max_test_views must be >= 1, got {cfg.max_test_views}.")
 
