@@ -1,9 +1,12 @@
 """``gvae-bench``: super-resolution quality and speed of gaussianvae against splatfacto, side by side.
 
-For a Blender-format dataset whose test views are at the full (target) resolution the benchmark
+For a Blender-format dataset whose test views are at the full (target) resolution, or a nerfstudio-data / COLMAP
+capture (:mod:`~gvae_ns.bench.scenes`: every 8th frame held out, scored at ``capture.score_downscale``), the
+benchmark
 
 1. makes box-filtered low-resolution (LR) training copies, x2, x4 ... (:func:`gvae_ns.datasets.downscale_blender`;
-   test views stay at full resolution);
+   test views stay at full resolution; captures: :mod:`~gvae_ns.bench.scene_copies`, nerfstudio-data copies with
+   intrinsics scaled, distortion kept and the held-out views undistorted to pinhole cameras);
 2. trains every row with ``ns-train`` in subprocesses, with the same step budget for all: splatfacto classic
    and antialiased on each LR copy, gaussianvae through resolution stages on each LR copy (its finest stage
    is the LR copy itself), and the full-resolution oracle;
@@ -24,6 +27,7 @@ Every finished piece is recorded on disk (``runs/<run>/train.json``, ``refinemen
 ``rows/<row>.json``) with a fingerprint of what made it, so running the same command again skips the work
 that is done and redoes what changed or failed.
 
-Modules, in the order a run uses them: ``config`` (suite files), ``plan``, ``train``, ``refine``, ``evaluate``
-(usable alone), ``report``, and ``run`` (the loop and ``main``).
+Modules, in the order a run uses them: ``config`` (suite files), ``scenes`` (datasets read into frames and a split)
+and ``scene_copies`` (a capture's nerfstudio-data copies), ``plan``, ``train``, ``refine``, ``evaluate`` (usable
+alone), ``report``, and ``run`` (the loop and ``main``).
 """

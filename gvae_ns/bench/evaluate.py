@@ -126,6 +126,12 @@ def evaluate_pipeline(
     n = len(dataset) if max_views is None else min(len(dataset), max_views)
     if n == 0:
         raise BenchError("the test split has no views to evaluate.")
+    distortion = getattr(cameras, "distortion_params", None)
+    if distortion is not None and bool((distortion[:n] != 0).any()):
+        raise BenchError(
+            "the test cameras have lens distortion, but the renderers draw pinhole views and the test images are read "
+            "as stored. Score undistorted test views: run gvae-bench on the capture (its copies undistort the "
+            "held-out images), or undistort them to pinhole cameras in the dataset.")
     per_view: Dict[str, List[Optional[float]]] = {k: [] for k in ("psnr", "ssim", "lpips", "brisque")}
     times: List[float] = []
     size: Tuple[int, int] = (0, 0)

@@ -64,6 +64,8 @@ def format_table(results: Dict[str, Any]) -> str:
     if data:
         lines.append(f"Dataset `{data.get('path')}`: {data.get('test_views')} test view(s) scored at "
                      f"{data.get('width')}x{data.get('height')} px; training copies {data.get('factors')}.")
+        if data.get("split"):
+            lines.append(f"Held out: {data['split']}.")
     if suite:
         budget = results.get("budget") or {}
         if budget.get("finetune"):
@@ -109,6 +111,7 @@ def format_table(results: Dict[str, Any]) -> str:
                  "adds.")
     if env.get("baselines"):
         lines.append(f"- Baselines: {env['baselines']}")
+    lines += [f"- {note}" for note in data.get("notes", [])]
     if any(r["metrics"].get("lpips") is None for r in ok):
         lines.append("- LPIPS n/a: AlexNet weights not on disk (never downloaded).")
     if any(r["metrics"].get("brisque") is None for r in ok):

@@ -63,7 +63,7 @@ def run_bench(cfg: BenchConfig, log=say) -> Dict[str, Any]:
     out = cfg.output.resolve()
     out.mkdir(parents=True, exist_ok=True)
     budget = Budget(cfg.time_budget_s)
-    data, lowres = prepare_data(cfg, log)
+    data, lowres, about = prepare_data(cfg, log)
     runs, rows = plan(cfg, data, lowres)
     points_file = data / "points_gt.npy"
     points = np.load(points_file) if points_file.is_file() else None
@@ -167,6 +167,7 @@ def run_bench(cfg: BenchConfig, log=say) -> Dict[str, Any]:
             "test_views": first["metrics"]["views"] if first else None,
             "height": first["metrics"]["height"] if first else None,
             "width": first["metrics"]["width"] if first else None,
+            **about,
         },
         "budget": {"ours": cfg.steps, "baselines": baseline_steps(cfg), "finetune": baseline_steps(cfg) - cfg.steps},
         "complete": all(e.get("status") == "ok" for e in entries.values()),

@@ -39,11 +39,15 @@ def train_command(cfg: BenchConfig, spec: RunSpec) -> List[str]:
         "--pipeline.model.background-color", cfg.background,
         *spec.args,
         *shlex.split(cfg.train_args),
-        "blender-data", "--data", str(spec.data),
+        spec.dataparser, "--data", str(spec.data),
+        # a capture copy is at the resolution it should train at: no automatic downscale (nor its prompt)
+        *(("--downscale-factor", "1") if spec.dataparser == "nerfstudio-data" else ()),
     ]
 
 
 def _run_fingerprint(cfg: BenchConfig, spec: RunSpec) -> str:
+    if spec.data_fingerprint:
+        return fingerprint({"cmd": train_command(cfg, spec)[1:], "data": spec.data_fingerprint})
     return fingerprint({"cmd": train_command(cfg, spec)[1:]})
 
 
