@@ -18,7 +18,6 @@ What it changes in ``SplatfactoModel``:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple, Type, Union
@@ -51,15 +50,7 @@ from gvae_ns.render import rasterize, world_to_camera
 from gvae_ns.run_layout import REFINEMENT_FILE, RunLayout
 from gvae_ns.stages import DEFAULT_STAGE_STEPS, StageSchedule
 from gvae_ns.tagged_file import Provenance
-from gvae_ns.viewer import RefinementControls
-
-REFINED_ENV = "GVAE_REFINED"
-"""Environment variable: ``0`` shows (and exports) the original scene whatever ``show_refined`` says."""
-
-
-def refined_env_off() -> bool:
-    """Whether ``$GVAE_REFINED`` turns the refined scene off (the one place that reads it)."""
-    return os.environ.get(REFINED_ENV, "1") == "0"
+from gvae_ns.viewer import RefinementControls, refined_env_off, tint_new
 
 
 @dataclass
@@ -315,7 +306,7 @@ class GaussianVAEModel(SplatfactoModel):
 
     @property
     def env_hides_refined(self) -> bool:
-        """Whether ``$GVAE_REFINED=0`` hides the refined scene (see :data:`REFINED_ENV`)."""
+        """Whether ``$GVAE_REFINED=0`` hides the refined scene (see :data:`gvae_ns.viewer.REFINED_ENV`)."""
         return refined_env_off()
 
     @property
@@ -367,7 +358,7 @@ class GaussianVAEModel(SplatfactoModel):
 
         params = {k: self._param(k) for k in PARAM_KEYS}
         if self.tint_new and self.refined_is_new is not None and self.refinement_active:
-            params = _tint(params, self.refined_is_new, self.config.sh_degree > 0)
+            params = tint_new(params, self.refined_is_new, self.config.sh_degree > 0)
         if self.crop_box is not None and not self.training:
             keep = self.crop_box.within(params["means"]).squeeze()
             if keep.sum() == 0:
@@ -439,12 +430,3 @@ class GaussianVAEModel(SplatfactoModel):
         metrics["gaussian_count"] = float(self.num_points)
         return metrics, {"img": torch.cat([gt, pred], dim=1)}
 
-
-def _tint(params: Dict[str, torch.Tensor], is_new: torch.Tensor, is_sh: bool) -> Dict[str, torch.Tensor]:
-    """Paint generated Gaussians magenta (view-independent) so they stand out in the viewer."""
-    magenta = torch.tensor([1.0, 0.0, 1.0], device=is_new.device)
-    dc = params["features_dc"].clone()
-    rest = params["features_rest"].clone()
-    dc[is_new] = RGB2SH(magenta) if is_sh else torch.logit(magenta.clamp(1e-4, 1 - 1e-4))
-    rest[is_new] = 0.0
-    return {**params, "features_dc": dc, "features_rest": rest}
