@@ -13,12 +13,12 @@ What it changes in ``SplatfactoModel``:
   loaded) and showing it is on, the parameter properties (``means``, ``scales``, ``quats``, ``opacities``,
   ``features_dc``, ``features_rest`` and the derived ``colors``, ``shs_0``, ``shs_rest``) return the refined
   set, so nerfstudio's viewer and exporter see it. The model never makes a refinement: it hands its trained
-  state out as plain data (:meth:`run_state`, :meth:`scoring_views`) to :mod:`gvae_ns.refine`.
+  state out as plain data (:meth:`run_state`, :meth:`scoring_views`) to :mod:`gvae_ns.refine`;
+* with ``mip_filter_3d``, renders and those properties carry Mip-Splatting's 3D filter (:meth:`shown_params`).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple, Type, Union
@@ -47,19 +47,11 @@ from gvae_ns.refine.result import (
     rebuild_hint,
 )
 from gvae_ns.refine.score import ScoringViews
-from gvae_ns.render import rasterize, world_to_camera
+from gvae_ns.render import SmoothingFilter3D, rasterize, world_to_camera
 from gvae_ns.run_layout import REFINEMENT_FILE, RunLayout
 from gvae_ns.stages import DEFAULT_STAGE_STEPS, StageSchedule
 from gvae_ns.tagged_file import Provenance
-from gvae_ns.viewer import RefinementControls
-
-REFINED_ENV = "GVAE_REFINED"
-"""Environment variable: ``0`` shows (and exports) the original scene whatever ``show_refined`` says."""
-
-
-def refined_env_off() -> bool:
-    """Whether ``$GVAE_REFINED`` turns the refined scene off (the one place that reads it)."""
-    return os.environ.get(REFINED_ENV, "1") == "0"
+from gvae_ns.viewer import RefinementControls, refined_env_off, tint_new
 
 
 @dataclass
@@ -94,6 +86,9 @@ class GaussianVAEModelConfig(SplatfactoModelConfig):
     show_refined: bool = True
     """Whether the viewer and exporter see the refined Gaussians when a refinement exists (the environment
     variable GVAE_REFINED=0 overrides it, e.g. for ``GVAE_REFINED=0 ns-export gaussian-splat ...``)."""
+    mip_filter_3d: bool = False
+    """Mip-Splatting's 3D smoothing filter: each Gaussian gets at least the footprint the training views sample
+    (gvae_ns/render/filter3d.py); renders, ns-export and the viewer see the filtered scales and opacities."""
     run_dir: tyro.conf.Suppress[Optional[Path]] = None
     """Set by ns-train (not a flag): the run directory that holds lineage.npz, vae.pt and refinement.pt."""
     refine_after_training: Optional[bool] = None
@@ -162,6 +157,7 @@ class GaussianVAEModel(SplatfactoModel):
         self.refinement_file_error: Optional[str] = None
         self.tint_new = False
         self.refinement_controls = RefinementControls(self)
+        self.filter3d = SmoothingFilter3D()
 
     @property
     def recorder(self):
@@ -170,12 +166,13 @@ class GaussianVAEModel(SplatfactoModel):
 
     # ------------------------------------------------------------ checkpoints
     def get_extra_state(self) -> Dict[str, Any]:
-        """Checkpointed with the parameters: the lineage so far (tensors and ints only)."""
-        return {"lineage": self.recorder.state_dict()}
+        """Checkpointed with the parameters: the lineage so far, the 3D filter's state (tensors and ints only)."""
+        return {"lineage": self.recorder.state_dict(), "filter3d": self.filter3d.state_dict()}
 
     def set_extra_state(self, state: Any) -> None:
         if isinstance(state, dict) and "lineage" in state:
             self.recorder.load_state_dict(state["lineage"])
+        self.filter3d.load_state_dict(state.get("filter3d", {}) if isinstance(state, dict) else {})  # {}: no filter
 
     def load_state_dict(self, state_dict, **kwargs):  # type: ignore[override]
         result = super().load_state_dict(state_dict, **kwargs)
@@ -274,6 +271,10 @@ class GaussianVAEModel(SplatfactoModel):
     ) -> List[TrainingCallback]:
         cbs = super().get_training_callbacks(training_callback_attributes)
         cbs.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], self.after_step))
+        if self.config.mip_filter_3d:  # the filter's rates follow each densification at once (checkpoints hold them)
+            self.filter3d.use_cameras(training_callback_attributes.pipeline.datamanager.train_dataset.cameras)
+            cbs.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION],
+                                        lambda step: self.shown_params()))
         return cbs
 
     def step_cb(self, optimizers, step):  # type: ignore[override]
@@ -315,7 +316,7 @@ class GaussianVAEModel(SplatfactoModel):
 
     @property
     def env_hides_refined(self) -> bool:
-        """Whether ``$GVAE_REFINED=0`` hides the refined scene (see :data:`REFINED_ENV`)."""
+        """Whether ``$GVAE_REFINED=0`` hides the refined scene (see :data:`gvae_ns.viewer.REFINED_ENV`)."""
         return refined_env_off()
 
     @property
@@ -329,13 +330,22 @@ class GaussianVAEModel(SplatfactoModel):
             return self.refinement[name]  # type: ignore[index]
         return self.gauss_params[name]
 
+    def shown_params(self) -> Dict[str, torch.Tensor]:
+        """What the model renders and its properties return: the refined or trained set, with the 3D filter baked
+        into scales and opacities when ``mip_filter_3d`` is on (of the current stage in training, else the last)."""
+        params = {k: self._param(k) for k in PARAM_KEYS}
+        if not self.config.mip_filter_3d:
+            return params
+        trained = None if self.refinement_active else (params["means"].shape[0], self.recorder.next_id)
+        return self.filter3d.bake(params, self._get_downscale_factor() if self.training else None, trained)
+
     @property
     def means(self):
         return self._param("means")
 
     @property
     def scales(self):
-        return self._param("scales")
+        return self.shown_params()["scales"]
 
     @property
     def quats(self):
@@ -351,7 +361,7 @@ class GaussianVAEModel(SplatfactoModel):
 
     @property
     def opacities(self):
-        return self._param("opacities")
+        return self.shown_params()["opacities"]
 
     # --------------------------------------------------------------- rendering
     def get_outputs(self, camera: Cameras) -> Dict[str, Union[torch.Tensor, List]]:
@@ -365,9 +375,9 @@ class GaussianVAEModel(SplatfactoModel):
         else:
             cam_to_world = camera.camera_to_worlds
 
-        params = {k: self._param(k) for k in PARAM_KEYS}
+        params = self.shown_params()
         if self.tint_new and self.refined_is_new is not None and self.refinement_active:
-            params = _tint(params, self.refined_is_new, self.config.sh_degree > 0)
+            params = tint_new(params, self.refined_is_new, self.config.sh_degree > 0)
         if self.crop_box is not None and not self.training:
             keep = self.crop_box.within(params["means"]).squeeze()
             if keep.sum() == 0:
@@ -438,13 +448,3 @@ class GaussianVAEModel(SplatfactoModel):
             metrics["lpips"] = float(self.lpips(gt_b, pred_b))
         metrics["gaussian_count"] = float(self.num_points)
         return metrics, {"img": torch.cat([gt, pred], dim=1)}
-
-
-def _tint(params: Dict[str, torch.Tensor], is_new: torch.Tensor, is_sh: bool) -> Dict[str, torch.Tensor]:
-    """Paint generated Gaussians magenta (view-independent) so they stand out in the viewer."""
-    magenta = torch.tensor([1.0, 0.0, 1.0], device=is_new.device)
-    dc = params["features_dc"].clone()
-    rest = params["features_rest"].clone()
-    dc[is_new] = RGB2SH(magenta) if is_sh else torch.logit(magenta.clamp(1e-4, 1 - 1e-4))
-    rest[is_new] = 0.0
-    return {**params, "features_dc": dc, "features_rest": rest}

@@ -40,11 +40,14 @@ fine-tune (``gvae-refine`` makes and checks that one).
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
+import torch
+from nerfstudio.models.splatfacto import RGB2SH
 from nerfstudio.viewer.viewer_elements import (
     ViewerCheckbox,
     ViewerControl,
@@ -70,6 +73,23 @@ MAX_STEPS = MAX_STAGES
 """Largest extrapolation stage count the slider offers."""
 PUT_BACK_DELAY_S = 0.2
 """Delay before a refused steps / selection change is sent to the browsers again (see ``_put_back``)."""
+REFINED_ENV = "GVAE_REFINED"
+"""Environment variable: ``0`` shows (and exports) the original scene whatever ``show_refined`` says."""
+
+
+def refined_env_off() -> bool:
+    """Whether ``$GVAE_REFINED`` turns the refined scene off (the one place that reads it)."""
+    return os.environ.get(REFINED_ENV, "1") == "0"
+
+
+def tint_new(params: Dict[str, torch.Tensor], is_new: torch.Tensor, is_sh: bool) -> Dict[str, torch.Tensor]:
+    """Paint generated Gaussians magenta (view-independent) so they stand out in the viewer."""
+    magenta = torch.tensor([1.0, 0.0, 1.0], device=is_new.device)
+    dc = params["features_dc"].clone()
+    rest = params["features_rest"].clone()
+    dc[is_new] = RGB2SH(magenta) if is_sh else torch.logit(magenta.clamp(1e-4, 1 - 1e-4))
+    rest[is_new] = 0.0
+    return {**params, "features_dc": dc, "features_rest": rest}
 
 
 class RefinementControls(nn.Module):

@@ -322,3 +322,20 @@ def test_time_budget_leaves_work_for_the_next_call(tmp_path, monkeypatch):
     assert not results["complete"]
     assert {r["status"] for r in results["rows"]} == {"pending"}
     assert "not trained yet" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_learned_part_is_ours_minus_the_best_control_with_its_sign():
+    def row(name, psnr, k=None, select=None, decoder=None, label=None):
+        return {"name": name, "label": label or name, "factor": 4, "run": "ours-x4", "extrapolate_stages": k,
+                "refine_select": select, "refine_decoder": decoder, "metrics": {"psnr": psnr}}
+
+    rows = [row("unrefined", 20.0), row("vae", 20.5, 1, "hessian", "temporal", "Ours-nabla2 +1"),
+            row("gd", 20.1, 1, "hessian", "generative", "Ours-nabla2 (GD head) +1"),
+            row("split", 20.3, 1, "hessian", "split"), row("ft", 20.2, 1, "all", "none"),
+            row("other-run", 25.0, 1, "hessian", "split") | {"run": "ours-x2"}]
+    lines = report.learned_part_lines(rows)
+    assert len(lines) == 2
+    vae, gd = lines
+    assert "x4 Ours-nabla2 +1 (lineage VAE)" in vae and "learned part +0.20 dB" in vae
+    assert "refinement step +0.50 dB" in vae
+    assert "learned part -0.20 dB" in gd, "the best control of the same run (the split, 20.3), with its sign"

@@ -112,6 +112,7 @@ def format_table(results: Dict[str, Any]) -> str:
     if env.get("baselines"):
         lines.append(f"- Baselines: {env['baselines']}")
     lines += [f"- {note}" for note in data.get("notes", [])]
+    lines += learned_part_lines(ok)
     if any(r["metrics"].get("lpips") is None for r in ok):
         lines.append("- LPIPS n/a: AlexNet weights not on disk (never downloaded).")
     if any(r["metrics"].get("brisque") is None for r in ok):
@@ -124,6 +125,35 @@ def format_table(results: Dict[str, Any]) -> str:
             lines.append(f"- {_scale(r['factor'])} {r['label']} ({r.get('status', 'pending')}): "
                          f"{reason[0] if reason else ''}")
     return "\n".join(lines) + "\n"
+
+
+_LEARNED = {"temporal": "lineage VAE", "generative": "densification head"}
+
+
+def learned_part_lines(rows: List[dict]) -> List[str]:
+    """Notes: each learned row's PSNR minus the best no-learning control of its run, stage count and selection
+    (the 3DGS split of the same selection, the fine-tune alone), with its sign; and the refinement step against
+    the same run unrefined."""
+    psnr = {(r.get("run"), r.get("extrapolate_stages"), r.get("refine_select"), r.get("refine_decoder")):
+            r["metrics"].get("psnr") for r in rows}
+    out: List[str] = []
+    for r in rows:
+        decoder, k, select = r.get("refine_decoder"), r.get("extrapolate_stages"), r.get("refine_select")
+        if decoder not in _LEARNED or k is None:
+            continue
+        controls = [v for v in (psnr.get((r.get("run"), k, select, "split")),
+                                next((p for key, p in psnr.items() if key[0] == r.get("run") and key[1] == k
+                                      and key[3] == "none"), None)) if v is not None]
+        unrefined = psnr.get((r.get("run"), None, None, None))
+        parts = []
+        if controls:
+            parts.append(f"the learned part {r['metrics']['psnr'] - max(controls):+.2f} dB (against the best "
+                         "no-learning control)")
+        if unrefined is not None:
+            parts.append(f"the refinement step {r['metrics']['psnr'] - unrefined:+.2f} dB (against the run unrefined)")
+        if parts:
+            out.append(f"- {_scale(r['factor'])} {r['label']} ({_LEARNED[decoder]}): " + "; ".join(parts) + ".")
+    return out
 
 
 def pick_crop(reference: np.ndarray, crop: int) -> Tuple[int, int]:

@@ -17,6 +17,8 @@ The package, in the order data flows (each module imports only those above it):
   :mod:`~gvae_ns.render.compiled`: its compositor and SH as autograd Functions;
 * :mod:`~gvae_ns.render.pipeline`: :func:`rasterize_with` (checks, stages, ``info``) and the two
   kernel sets;
+* :mod:`~gvae_ns.render.filter3d`: Mip-Splatting's 3D smoothing filter, baked into scales and opacities
+  (callers apply it to the parameters before :func:`rasterize`);
 * this module: the dispatch, and the names callers import.
 """
 
@@ -42,6 +44,7 @@ from gvae_ns.render.contract import (
     RenderMode,
 )
 from gvae_ns.render.extension import build_error, load_extension
+from gvae_ns.render.filter3d import SmoothingFilter3D, apply_filter_3d, max_sampling_rate
 from gvae_ns.render.pipeline import (
     CPP_KERNELS,
     TORCH_KERNELS,
@@ -75,6 +78,8 @@ __all__ = [
     "Projection",
     "RasterizeMode",
     "RenderMode",
+    "SmoothingFilter3D",
+    "apply_filter_3d",
     "build_error",
     "composite",
     "composite_cpp",
@@ -82,6 +87,7 @@ __all__ = [
     "eval_sh",
     "eval_sh_cpp",
     "load_extension",
+    "max_sampling_rate",
     "project_gaussians",
     "project_gaussians_fast",
     "rasterize",
