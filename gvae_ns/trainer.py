@@ -62,8 +62,7 @@ class GaussianVAETrainerConfig(TrainerConfig):
     def save_config(self) -> None:
         """Check the run before anything trains, record the run directory, then save ``config.yml``."""
         try:
-            StageSchedule(tuple(self.pipeline.model.stage_downscales), tuple(self.pipeline.model.stage_steps))
-            changes = follow_schedule(self, sum(DEFAULT_STAGE_STEPS))
+            changes = follow_schedule(self, sum(DEFAULT_STAGE_STEPS))  # checks the schedule first
             check_run_config(self)
         except (RunConfigError, StageScheduleError, DataCheckError) as err:
             exit_with_message(f"ns-train gaussianvae: {err}")
