@@ -67,7 +67,7 @@ class GaussianVAETrainerConfig(TrainerConfig):
         except (RunConfigError, StageScheduleError, DataCheckError) as err:
             exit_with_message(f"ns-train gaussianvae: {err}")
         if changes:
-            CONSOLE.print("ns-train gaussianvae: step settings follow the stage schedule: " + "; ".join(changes)
+            CONSOLE.print("gvae-ns: step settings follow the stage schedule: " + "; ".join(changes)
                           + ".", markup=False, highlight=False, soft_wrap=True)
         self.pipeline.model.run_dir = self.get_base_dir()
         super().save_config()
