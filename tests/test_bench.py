@@ -62,7 +62,8 @@ def _fake_results() -> dict:
     def row(name, label, kind, factor, psnr, lpips=None, status="ok", **extra):
         metrics = {"psnr": psnr, "ssim": psnr / 40, "lpips": lpips, "brisque": None, "chamfer_opaque": 0.01,
                    "chamfer_all": None, "num_gaussians": 1000, "ms_per_view": 12.5, "views": 2,
-                   "height": 64, "width": 64}
+                   "height": 64, "width": 64, "psnr_at_train": psnr + 5, "ssim_at_train": psnr / 35,
+                   "train_height": 32, "train_width": 32}
         entry = {"name": name, "label": label, "kind": kind, "factor": factor, "status": status,
                  "metrics": metrics if status == "ok" else {}, "train_s": 10.0, "refine_s": None}
         entry.update(extra)
@@ -98,6 +99,8 @@ def test_format_table_from_fake_results():
     base = next(line for line in table if "classic" in line)
     assert base.count("n/a") == 3  # BRISQUE, CD all, refine s
     assert "- x2 Ours-nabla2 +2 (failed): refinement failed: boom" in text
+    assert "**27.50**" in ours, "the training-resolution PSNR has its own best"
+    assert "(32x32 px;" in text, "the note names the training resolution"
     assert "more" not in text.split("Rows without a result:")[1]
 
 
@@ -227,6 +230,9 @@ def test_tiny_benchmark_end_to_end(tiny):
         m = row["metrics"]
         assert (m["height"], m["width"], m["views"]) == (32, 32, 2), "scored at the full resolution"
         assert 0.0 < m["ssim"] <= 1.0 and math.isfinite(m["psnr"]) and m["ms_per_view"] > 0
+        assert (m["train_height"], m["train_width"]) == (16, 16), "also scored at the x2 copy's resolution"
+        assert math.isfinite(m["psnr_at_train"]) and 0.0 < m["ssim_at_train"] <= 1.0
+        assert len(m["per_view"]["psnr_at_train"]) == 2
         assert row["train_s"] > 0
     for row in results["rows"][:2]:
         assert 8.0 < row["metrics"]["psnr"] < 60.0 and row["metrics"]["chamfer_all"] > 0
@@ -275,6 +281,13 @@ def test_evaluation_of_a_trained_run(tiny):
     assert second["chamfer_opaque"] == pytest.approx(first["chamfer_opaque"], rel=1e-6)
     assert second["chamfer_all"] > first["chamfer_all"] + 1.0, "far centres count in the all-Gaussian Chamfer"
     assert evaluate.attach_refinement(model, None) == {}
+    small = evaluate.evaluate_pipeline(pipeline, lpips=False, brisque=False, train_factor=2)
+    assert (small["train_height"], small["train_width"]) == (16, 16)
+    assert small["psnr"] == pytest.approx(first["psnr"], abs=1e-4), "the full-resolution score is unchanged"
+    assert small["psnr_at_train"] > first["psnr"] + 0.5, "a run trained at 16 px scores better at 16 px than at 32"
+    assert first["psnr_at_train"] is None and first["train_height"] is None
+    with pytest.raises(BenchError, match="not divisible by the training factor 3"):
+        evaluate.evaluate_pipeline(pipeline, lpips=False, brisque=False, train_factor=3)
     assert evaluate.evaluate_pipeline(pipeline, max_views=1, lpips=False, brisque=False)["num_gaussians"] == n
 
 
@@ -339,3 +352,17 @@ def test_learned_part_is_ours_minus_the_best_control_with_its_sign():
     assert "x4 Ours-nabla2 +1 (lineage VAE)" in vae and "learned part +0.20 dB" in vae
     assert "refinement step +0.50 dB" in vae
     assert "learned part -0.20 dB" in gd, "the best control of the same run (the split, 20.3), with its sign"
+
+
+def test_training_resolution_lines_compare_ours_to_antialiased_splatfacto():
+    def row(name, kind, factor, at_train, label=None):
+        return {"name": name, "label": label or name, "kind": kind, "factor": factor,
+                "metrics": {"psnr_at_train": at_train}}
+
+    rows = [row("splatfacto-classic-x4", "baseline", 4, 25.0), row("splatfacto-antialiased-x4", "baseline", 4, 26.0,
+                                                                     "splatfacto antialiased"),
+            row("ours-x4", "ours", 4, 25.9, "unrefined"), row("ours-hessian-p1-x4", "ours", 4, 26.25, "VAE +1"),
+            row("ours-x2", "ours", 2, 30.0), row("oracle", "oracle", 1, None)]
+    lines = report.train_resolution_lines(rows)
+    assert lines == ["- x4 at the training resolution, PSNR against splatfacto antialiased (26.00 dB): "
+                     "unrefined -0.10, VAE +1 +0.25 dB."], "x2 has no antialiased row: no line"

@@ -139,6 +139,9 @@ class BenchConfig:
     """Score LPIPS where its weights are already on disk (never downloads)."""
     brisque: bool = True
     """Score BRISQUE where the optional brisque package is installed."""
+    score_at_train_resolution: bool = True
+    """Also score every low-resolution row at its training copy's resolution (the test views rendered at 1/factor
+    against the test images box-averaged down by the factor): what refinement must not trade away."""
     time_budget_s: Optional[float] = None
     """Stop starting new work once it would not finish within this many seconds (exit code 75; run again)."""
     train_estimate_s: float = 120.0

@@ -1,5 +1,6 @@
 """Scoring a trained run at full resolution on its held-out test cameras (PSNR, SSIM, LPIPS / BRISQUE where
-available, Chamfer, counts, render speed), with the model's own rendering code.
+available, Chamfer, counts, render speed), with the model's own rendering code; optionally also at the training
+copy's resolution (the same views rendered smaller, against the test images box-averaged down).
 
 Used by gvae-bench, ``scripts/eval_refinement.py`` and the tests; it imports nothing of the harness.
 """
@@ -20,7 +21,7 @@ from PIL import Image
 
 from gvae_ns import metrics
 from gvae_ns.bench.config import BenchError
-from gvae_ns.datasets import atomic_write
+from gvae_ns.datasets import atomic_write, box_downscale
 from gvae_ns.offline import stock_checkpoint_loading
 from gvae_ns.refine.result import load_refinement
 
@@ -111,6 +112,7 @@ def evaluate_pipeline(
     gt_to: Optional[Path] = None,
     lpips: bool = True,
     brisque: bool = True,
+    train_factor: Optional[int] = None,
 ) -> Dict[str, Any]:
     """Render the pipeline's test cameras at their full resolution and score them against the test images.
 
@@ -118,6 +120,10 @@ def evaluate_pipeline(
     per-view lists, ``ms_per_view`` (render only, after one untimed warm-up), ``num_gaussians`` (the refined
     set when one is attached), ``chamfer_opaque`` / ``chamfer_all`` (to ``points_gt``; None without it), and
     the resolution. ``save_view`` is written to ``save_to`` (and its ground truth to ``gt_to``) as PNG.
+    With ``train_factor`` > 1 every view is also rendered at 1/``train_factor`` of its size (focal lengths,
+    principal point and size scaled together, as the training copies are) and scored against the test image
+    box-averaged down by that factor (the copies' filter): ``psnr_at_train``, ``ssim_at_train`` and
+    ``train_height`` / ``train_width`` (None without it).
     """
     model = pipeline.model
     model.eval()
@@ -132,7 +138,15 @@ def evaluate_pipeline(
             "the test cameras have lens distortion, but the renderers draw pinhole views and the test images are read "
             "as stored. Score undistorted test views: run gvae-bench on the capture (its copies undistort the "
             "held-out images), or undistort them to pinhole cameras in the dataset.")
-    per_view: Dict[str, List[Optional[float]]] = {k: [] for k in ("psnr", "ssim", "lpips", "brisque")}
+    lowres = train_factor is not None and train_factor > 1
+    if lowres:
+        sizes = torch.stack([cameras.height[:n].reshape(-1), cameras.width[:n].reshape(-1)])
+        if bool((sizes % train_factor != 0).any()):
+            raise BenchError(f"the test views ({int(sizes[1, 0])}x{int(sizes[0, 0])} px) are not divisible by the "
+                             f"training factor {train_factor}, so they cannot be scored at the training resolution.")
+    per_view: Dict[str, List[Optional[float]]] = {
+        k: [] for k in ("psnr", "ssim", "lpips", "brisque", "psnr_at_train", "ssim_at_train")}
+    train_size: Tuple[Optional[int], Optional[int]] = (None, None)
     times: List[float] = []
     size: Tuple[int, int] = (0, 0)
     with torch.no_grad():
@@ -156,14 +170,31 @@ def evaluate_pipeline(
             score = metrics.lpips_or_none(rgb, gt) if lpips else None
             per_view["lpips"].append(None if score is None else float(score))
             per_view["brisque"].append(_brisque(rgb) if brisque else None)
+            if lowres:
+                small = cameras[i : i + 1]
+                small.rescale_output_resolution(1.0 / train_factor, scale_rounding_mode="round")
+                rgb_small = model.get_outputs_for_camera(small.to(model.device))["rgb"].float().clamp(0, 1).cpu()
+                gt_small = torch.from_numpy(box_downscale(gt.numpy(), train_factor).astype(np.float32))
+                if gt_small.shape != rgb_small.shape:
+                    raise BenchError(f"test view {i} at 1/{train_factor}: rendered {tuple(rgb_small.shape)} but the "
+                                     f"averaged-down image is {tuple(gt_small.shape)}.")
+                train_size = (int(gt_small.shape[0]), int(gt_small.shape[1]))
+                per_view["psnr_at_train"].append(float(metrics.psnr(rgb_small, gt_small)))
+                per_view["ssim_at_train"].append(float(metrics.ssim(rgb_small, gt_small)))
             if save_view == i and save_to is not None:
                 save_png(save_to, rgb)
                 if gt_to is not None:
                     save_png(gt_to, gt)
         means = model.means.detach()
         opacity = torch.sigmoid(model.opacities.detach()).reshape(-1)
+    if not lowres:
+        for key in ("psnr_at_train", "ssim_at_train"):
+            per_view.pop(key)
     result: Dict[str, Any] = {k: _mean(v) for k, v in per_view.items()}
+    result.setdefault("psnr_at_train", None)
+    result.setdefault("ssim_at_train", None)
     result["per_view"] = per_view
+    result["train_height"], result["train_width"] = train_size
     result["views"] = n
     result["height"], result["width"] = size
     result["ms_per_view"] = 1000.0 * float(np.mean(times))

@@ -46,7 +46,8 @@ def _row_fingerprint(cfg: BenchConfig, row: RowSpec, run_record: dict, refine_re
                          "refine": [row.extrapolate_stages, row.refine_select],
                          "refine_fp": [refine_record.get("fingerprint"), refine_record.get("made_at")]
                          if refine_record else None,
-                         "eval": [cfg.max_test_views, cfg.chamfer_opacity, cfg.figure_view, cfg.lpips, cfg.brisque]})
+                         "eval": [cfg.max_test_views, cfg.chamfer_opacity, cfg.figure_view, cfg.lpips, cfg.brisque,
+                                  cfg.score_at_train_resolution]})
 
 
 def _row_entry(row: RowSpec, status: str, **extra: Any) -> Dict[str, Any]:
@@ -136,6 +137,7 @@ def run_bench(cfg: BenchConfig, log=say) -> Dict[str, Any]:
                     pipeline, points_gt=points, max_views=cfg.max_test_views, chamfer_opacity=cfg.chamfer_opacity,
                     save_view=cfg.figure_view, save_to=render_path(out, row.name),
                     gt_to=out / "renders" / "gt.png", lpips=cfg.lpips, brisque=cfg.brisque,
+                    train_factor=row.factor if cfg.score_at_train_resolution else None,
                 )
                 metrics.update(counts)
             except Exception as err:  # keep going: the table lists the failure
