@@ -4,8 +4,8 @@ What it changes in ``SplatfactoModel``:
 
 * the training resolution follows :class:`~gvae_ns.stages.StageSchedule` (by default 1/4, 1/2, then the
   images' own resolution), and the view-space gradient statistics restart at each stage switch;
-* rendering goes through :func:`gvae_ns.render.rasterize` (gsplat on CUDA, the compiled CPU rasterizer or its PyTorch reference on CPU) and every
-  tensor follows the model's device, so the whole method runs on CPU;
+* rendering goes through :func:`gvae_ns.render.rasterize` (gsplat on CUDA, the compiled CPU rasterizer or its
+  PyTorch reference on CPU) and every tensor follows the model's device, so the whole method runs on CPU;
 * LPIPS is built only where its weights are already on disk (no downloads);
 * densification runs through :class:`~gvae_ns.lineage.recorder.LineageStrategy`, which records every
   Gaussian's ancestry and snapshots all Gaussians at each stage end;
@@ -250,10 +250,10 @@ class GaussianVAEModel(SplatfactoModel):
             background = torch.zeros(3, device=self.device)
         else:  # "random" trains on random backgrounds and evaluates on the configured colour
             background = self.background_color.to(self.device)
+        sh_degree = self.config.sh_degree if self.config.sh_degree > 0 else None
         return ScoringViews(cameras=cameras, images=images, downscale=int(self.schedule.downscales[-1]),
-                            background=background,
-                            sh_degree=self.config.sh_degree if self.config.sh_degree > 0 else None,
-                            rasterize_mode=self.config.rasterize_mode)
+                            background=background, sh_degree=sh_degree, rasterize_mode=self.config.rasterize_mode,
+                            filter3d=self.filter3d if self.config.mip_filter_3d else None)
 
     # ------------------------------------------------------------ stage schedule
     @property
@@ -312,12 +312,7 @@ class GaussianVAEModel(SplatfactoModel):
                 raise ValueError(f"refined '{k}' has {params[k].shape[0]} rows, 'means' has {n}")
         self.refinement = {k: params[k].detach().to(self.device) for k in PARAM_KEYS}
         self.refined_is_new = None if is_new is None else is_new.to(self.device)
-        self.refinement_note = note
-
-    @property
-    def env_hides_refined(self) -> bool:
-        """Whether ``$GVAE_REFINED=0`` hides the refined scene (see :data:`gvae_ns.viewer.REFINED_ENV`)."""
-        return refined_env_off()
+        self.refinement_note, self.refinement_record = note, None  # show_refinement records how it was made
 
     @property
     def refinement_active(self) -> bool:
@@ -332,11 +327,15 @@ class GaussianVAEModel(SplatfactoModel):
 
     def shown_params(self) -> Dict[str, torch.Tensor]:
         """What the model renders and its properties return: the refined or trained set, with the 3D filter baked
-        into scales and opacities when ``mip_filter_3d`` is on (of the current stage in training, else the last)."""
+        into scales and opacities when ``mip_filter_3d`` is on (of the current stage in training, else the last;
+        a refinement ``k`` stages past it gets the filter loosened to ``2**k`` x that sampling rate)."""
         params = {k: self._param(k) for k in PARAM_KEYS}
         if not self.config.mip_filter_3d:
             return params
-        trained = None if self.refinement_active else (params["means"].shape[0], self.recorder.next_id)
+        if self.refinement_active:
+            k = self.refinement_record.steps if self.refinement_record is not None else 0
+            return self.filter3d.bake(params, self.filter3d.downscale / 2 ** k, None)
+        trained = (params["means"].shape[0], self.recorder.next_id)
         return self.filter3d.bake(params, self._get_downscale_factor() if self.training else None, trained)
 
     @property

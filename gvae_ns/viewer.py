@@ -165,7 +165,7 @@ class RefinementControls(nn.Module):
         """Make every control show the model's current state (values, counts, disabled flags, status)."""
         model = self._model
         has_refinement = model.refinement is not None
-        env_off = model.env_hides_refined
+        env_off = refined_env_off()
         fixed = self.unavailable is not None
         steps, select = self.applied()
 
@@ -186,7 +186,7 @@ class RefinementControls(nn.Module):
             self._status = status
         model = self._model
         parts = []
-        if model.env_hides_refined:
+        if refined_env_off():
             parts.append("off: GVAE_REFINED=0 in the environment, the original scene is shown")
         elif model.refinement is not None and not model.config.show_refined:
             parts.append("hidden: the original scene is shown")

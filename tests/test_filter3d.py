@@ -7,10 +7,12 @@ The sampling rate against hand-computed cases, the baking against the explicit c
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
 
 import numpy as np
+import pytest
 import torch
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.data.scene_box import SceneBox
@@ -18,6 +20,9 @@ from tiny_runs import BIN, run_env, tiny_flags
 
 from gvae_ns.model import GaussianVAEModelConfig
 from gvae_ns.quaternions import covariance
+from gvae_ns.refine.finetune import held_out_loss
+from gvae_ns.refine.result import Refinement
+from gvae_ns.refine.score import render_view
 from gvae_ns.render import filter3d, project_gaussians, rasterize, world_to_camera
 from gvae_ns.render.filter3d import SmoothingFilter3D, apply_filter_3d, fill_unseen, max_sampling_rate
 
@@ -260,6 +265,60 @@ def test_refined_gaussians_get_rates_from_the_stored_cameras():
     expected, _ = apply_filter_3d(refined["scales"], refined["opacities"], nu)
     assert torch.allclose(model.scales, expected)
     assert torch.allclose(model.scales[:NUM], trained)  # the kept rows: as trained
+
+
+def _refinement(model, steps):
+    raw = {k: v.detach() for k, v in model.gauss_params.items()}
+    refined = {k: torch.cat([v, v[:5]]) for k, v in raw.items()}
+    refined["scales"] = torch.cat([raw["scales"], raw["scales"][:5] - 3.0])  # small children: the filter binds
+    is_new = torch.cat([torch.zeros(NUM, dtype=torch.bool), torch.ones(5, dtype=torch.bool)])
+    return Refinement(params=refined, is_new=is_new,
+                      selected=torch.arange(5), removed=torch.zeros(0, dtype=torch.long), scores={}, num_original=NUM,
+                      steps=steps, select="hessian", decoder="split")
+
+
+def test_a_refinement_k_stages_finer_is_shown_with_the_filter_loosened_to_that_rate():
+    cams = _cameras()
+    model = _model()
+    model.filter3d.use_cameras(cams)
+    model.eval()
+    one = _refinement(model, steps=1)
+    model.show_refinement(one)
+    nu = model.filter3d.compute(one.params["means"], downscale=1)
+    loosened, _ = apply_filter_3d(one.params["scales"], one.params["opacities"], 2 * nu)
+    assert torch.allclose(model.scales, loosened)
+    trained_rate, _ = apply_filter_3d(one.params["scales"], one.params["opacities"], nu)
+    assert (model.scales < trained_rate - 1e-4).all(), "every row is filtered less than at the trained rate"
+    two = _refinement(model, steps=2)
+    model.show_refinement(two)
+    assert torch.allclose(model.scales, apply_filter_3d(two.params["scales"], two.params["opacities"], 4 * nu)[0])
+    model.set_refinement(two.params, two.is_new)  # no record of how it was made: the trained rate
+    assert torch.allclose(model.scales, trained_rate)
+
+
+def test_refinement_renders_bake_the_run_filter_trained_or_loosened():
+    cams = _cameras()
+    model = _model()
+    model.filter3d.use_cameras(cams)
+    model.eval()
+    raw = {k: v.detach() for k, v in model.gauss_params.items()}
+    images = [torch.full((32, 32, 3), 0.5) for _ in range(3)]
+    views = model.scoring_views(cams, images)
+    assert views.filter3d is model.filter3d
+    plain = dataclasses.replace(views, filter3d=None)
+    nu = model.filter3d.compute(raw["means"], downscale=1)
+    for filter_scale in (1.0, 2.0):
+        scales, logits = apply_filter_3d(raw["scales"], raw["opacities"], filter_scale * nu)
+        got, _ = render_view(raw, views, 0, scale=2, filter_scale=filter_scale)
+        expected, _ = render_view({**raw, "scales": scales, "opacities": logits}, plain, 0, scale=2)
+        assert torch.allclose(got, expected, atol=1e-6)
+    # the held-out check compares the trained scene as shown (its rate) with a refinement (loosened)
+    trained = held_out_loss(raw, views, 2, trained=True)
+    assert trained == pytest.approx(held_out_loss({**raw, **dict(zip(("scales", "opacities"), apply_filter_3d(
+        raw["scales"], raw["opacities"], nu)))}, plain, 2), abs=1e-6)
+    assert abs(held_out_loss(raw, views, 2) - trained) > 1e-6
+    model.config.mip_filter_3d = False
+    assert model.scoring_views(cams, images).filter3d is None
 
 
 # ------------------------------------------------------------------------------------ a real run

@@ -229,7 +229,7 @@ def finetune_refinement(config: RefineConfig, run: RunState, refinement: Refinem
         say("gvae-refine: the run has no held-out (evaluation) views to check the fine-tune on; it is kept unchecked.",
             style="yellow")
         return tuned
-    trained_loss = held_out_loss(run.params, held_out, factor)
+    trained_loss = held_out_loss(run.params, held_out, factor, trained=True)
     tuned_loss = held_out_loss(tuned.params, held_out, factor)
     better = tuned_loss <= trained_loss
     say(f"gvae-refine: fine-tuned {config.finetune_steps} steps; held-out loss over {len(held_out.images)} views "

@@ -69,10 +69,12 @@ def finetune_strategy(trained: Optional[DefaultStrategy], steps: int) -> Optiona
 
 
 def _render_down(params: Dict[str, Tensor], views: ScoringViews, index: int, factor: int,
-                 absgrad: bool = False) -> Tuple[Tensor, Dict]:
+                 absgrad: bool = False, trained: bool = False) -> Tuple[Tensor, Dict]:
     """View ``index`` rendered at ``factor`` x the trained resolution, box-averaged to it: ``[H, W, 3]``, and
-    the render's ``info``."""
-    rgb, info = render_view(params, views, index, scale=factor, absgrad=absgrad)
+    the render's ``info``. The run's 3D filter (if any) is loosened to the render's sampling rate, except for
+    the ``trained`` scene, which is shown with its own."""
+    rgb, info = render_view(params, views, index, scale=factor, absgrad=absgrad,
+                            filter_scale=1.0 if trained else float(factor))
     if factor == 1:
         return rgb, info
     return F.avg_pool2d(rgb.permute(2, 0, 1)[None], factor)[0].permute(1, 2, 0), info
@@ -131,10 +133,12 @@ def finetune(params: Dict[str, Tensor], views: ScoringViews, factor: int, steps:
 
 
 @torch.no_grad()
-def held_out_loss(params: Dict[str, Tensor], views: ScoringViews, factor: int) -> float:
+def held_out_loss(params: Dict[str, Tensor], views: ScoringViews, factor: int, trained: bool = False) -> float:
     """Mean fine-tune loss of ``params`` on ``views`` (renders at ``factor`` x the trained resolution, averaged
-    down), i.e. how well the scene explains images it was not fitted to."""
+    down), i.e. how well the scene explains images it was not fitted to; ``trained``: the trained scene (its
+    3D filter is not loosened)."""
     device = params["means"].device
-    losses = [float(_loss(_render_down(params, views, i, factor)[0], training_image(views, i, device)))
+    losses = [float(_loss(_render_down(params, views, i, factor, trained=trained)[0],
+                          training_image(views, i, device)))
               for i in range(len(views.images))]
     return sum(losses) / max(len(losses), 1)

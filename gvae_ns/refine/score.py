@@ -32,6 +32,7 @@ from nerfstudio.models.splatfacto import resize_image
 
 from gvae_ns.gaussians import PARAM_KEYS
 from gvae_ns.render import rasterize, world_to_camera
+from gvae_ns.render.filter3d import SmoothingFilter3D
 
 SCORE_MODES = ("hessian", "grad", "all")
 """The selection modes, as ``--select`` takes them."""
@@ -130,6 +131,9 @@ class ScoringViews:
     """SH degree of the colours (``None``: colours are RGB logits, as splatfacto's ``sh_degree=0``)."""
     rasterize_mode: str
     """``classic`` or ``antialiased``, as the scene was trained."""
+    filter3d: Optional[SmoothingFilter3D] = None
+    """The run's Mip-Splatting 3D filter (``--pipeline.model.mip-filter-3d``; ``None``: renders unfiltered):
+    renders bake it at the sampling rate of ``filter_scale`` x the trained resolution."""
 
 
 def on_background(image: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
@@ -141,10 +145,14 @@ def on_background(image: torch.Tensor, background: torch.Tensor) -> torch.Tensor
 
 
 def render_view(params: Dict[str, torch.Tensor], views: ScoringViews, index: int,
-                scale: float = 1.0, absgrad: bool = False) -> Tuple[torch.Tensor, Dict]:
+                scale: float = 1.0, absgrad: bool = False, filter_scale: float = 1.0) -> Tuple[torch.Tensor, Dict]:
     """View ``index`` rendered from ``params`` (splatfacto-shaped, raw) at ``scale`` x the trained resolution:
-    ``[H, W, 3]`` on the background, and gsplat's ``info`` (``absgrad``: with the absolute 2D gradients)."""
+    ``[H, W, 3]`` on the background, and gsplat's ``info`` (``absgrad``: with the absolute 2D gradients).
+    With the run's 3D filter, it is baked at the sampling rate of ``filter_scale`` x the trained resolution: 1
+    for the trained scene (as the model shows it), ``2**k`` for a refinement made ``k`` doublings finer."""
     device = params["means"].device
+    if views.filter3d is not None:
+        params = views.filter3d.bake(params, views.downscale / filter_scale, None)
     camera = views.cameras[index : index + 1].to(device)
     camera.rescale_output_resolution(scale / views.downscale)
     W, H = int(camera.width.item()), int(camera.height.item())

@@ -130,7 +130,7 @@ class SmoothingFilter3D:
             "Ks": cameras.get_intrinsics_matrices().reshape(-1, 3, 3).float().cpu(),
             "widths": cameras.width.reshape(-1).float().cpu(), "heights": cameras.height.reshape(-1).float().cpu()}
 
-    def compute(self, means: Tensor, downscale: int) -> Tensor:
+    def compute(self, means: Tensor, downscale: float) -> Tensor:
         """Rates of ``means`` at image downscale ``downscale`` from the stored cameras (unseen ones filled)."""
         if self.cameras is None:
             raise RuntimeError("the 3D filter has no training cameras: call use_cameras first")
@@ -138,13 +138,15 @@ class SmoothingFilter3D:
         nu = max_sampling_rate(means, c["viewmats"], c["Ks"], c["widths"], c["heights"], margin=self.margin)
         return fill_unseen(nu / float(downscale))
 
-    def rates(self, means: Tensor, downscale: Optional[int], trained: Optional[TrainedKey]) -> Optional[Tensor]:
+    def rates(self, means: Tensor, downscale: Optional[float], trained: Optional[TrainedKey]) -> Optional[Tensor]:
         """Rates of ``means``: the trained rows (``trained`` given) from the stored ones, recomputed when the
         rows or the downscale changed; another set (``None``) from the cameras, kept while it is shown.
-        ``downscale`` ``None``: the stage trained last. ``None`` back where there is nothing to compute from."""
-        d = self.downscale if downscale is None else int(downscale)
+        ``downscale`` ``None``: the stage trained last; another set may take a fraction (``1/2**k``: the sampling
+        rate of a refinement ``k`` doublings finer, the loosened filter). ``None`` back where there is nothing to
+        compute from."""
+        d = self.downscale if downscale is None else downscale
         n = int(means.shape[0])
-        if trained is None:
+        if trained is None:  # another set may be shown finer than any stage trained (d < 1: a refinement)
             other = self._other
             if other is not None and other[0] is means and other[1] == d:
                 return other[2]
@@ -152,6 +154,7 @@ class SmoothingFilter3D:
                 return None
             self._other = (means, d, self.compute(means, d))
             return self._other[2]
+        d = int(d)
         key = (int(trained[0]), int(trained[1]), d)
         if self._trained is not None and self._trained[0] == key and self._trained[1].shape[0] == n:
             return self._trained[1].to(means.device)
@@ -161,7 +164,7 @@ class SmoothingFilter3D:
         self.downscale = d
         return self._trained[1]
 
-    def bake(self, params: Dict[str, Tensor], downscale: Optional[int],
+    def bake(self, params: Dict[str, Tensor], downscale: Optional[float],
              trained: Optional[TrainedKey]) -> Dict[str, Tensor]:
         """``params`` (splatfacto-shaped) with the filter baked into ``scales`` and ``opacities`` (see
         :meth:`rates`); unchanged, with one warning, where no rates can be had."""
