@@ -141,9 +141,10 @@ def evaluate_pipeline(
     lowres = train_factor is not None and train_factor > 1
     if lowres:
         sizes = torch.stack([cameras.height[:n].reshape(-1), cameras.width[:n].reshape(-1)])
-        if bool((sizes % train_factor != 0).any()):
-            raise BenchError(f"the test views ({int(sizes[1, 0])}x{int(sizes[0, 0])} px) are not divisible by the "
-                             f"training factor {train_factor}, so they cannot be scored at the training resolution.")
+        if bool((sizes % train_factor != 0).any()):  # e.g. undistorted capture views: left out, with a warning
+            warnings.warn(f"the test views ({int(sizes[1, 0])}x{int(sizes[0, 0])} px) are not divisible by the "
+                          f"training factor {train_factor}: not scored at the training resolution.", RuntimeWarning)
+            lowres = False
     per_view: Dict[str, List[Optional[float]]] = {
         k: [] for k in ("psnr", "ssim", "lpips", "brisque", "psnr_at_train", "ssim_at_train")}
     train_size: Tuple[Optional[int], Optional[int]] = (None, None)
