@@ -7,6 +7,9 @@ scene units wide (1-5 pixels at 256 px), so it only survives at high resolution:
 - :class:`Box`: a yawed box with thin diagonal stripes,
 - :class:`Sphere`: rows of tiny 3x5 glyphs (text-like marks),
 - :class:`Rod`: thin cylinders with coloured bands.
+
+Colours and sizes are fields (their defaults are the built-in scene's); the disc and the box can also
+swap their pattern for ``"cells"``, a hashed 3D cell noise (:func:`hashed_cells`) mixing their two colours.
 """
 
 from __future__ import annotations
@@ -50,6 +53,26 @@ def _two_tone(mask: np.ndarray, on: Sequence[float], off: Sequence[float]) -> np
     return np.where(mask[:, None], np.asarray(on, np.float32), np.asarray(off, np.float32))
 
 
+def hashed_cells(p: np.ndarray, size: float) -> np.ndarray:
+    """A value in ``[0, 1)`` per point ``[N]``, constant over each cube of edge ``size`` of the grid
+    and pseudo-random (an integer hash of the cell index) from one cell to the next."""
+    k = np.floor(np.asarray(p, np.float64) / size).astype(np.int64)
+    h = (k[:, 0] * 73856093 + k[:, 1] * 19349663 + k[:, 2] * 83492791) & 0xFFFFFFFF
+    for _ in range(2):
+        h = ((h ^ (h >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    return ((h ^ (h >> 16)) / 2.0**32).astype(np.float32)
+
+
+def _mix(value: np.ndarray, a: Sequence[float], b: Sequence[float]) -> np.ndarray:
+    a32, b32 = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return a32 + value[:, None] * (b32 - a32)
+
+
+def _check_pattern(owner: str, pattern: str, allowed: tuple[str, ...]) -> None:
+    if pattern not in allowed:
+        raise ValueError(f"{owner}: pattern must be one of {allowed}, got {pattern!r}.")
+
+
 @dataclass(frozen=True)
 class Disc:
     """The ground: a disc in the plane z = 0, seen from above, with a checker and thin rings."""
@@ -62,6 +85,17 @@ class Disc:
     """Distance between the thin dark rings."""
     ring_width: float = 0.008
     """Width of a ring."""
+    light: tuple[float, float, float] = (0.86, 0.85, 0.8)
+    """Colour of the even checker cells (one end of the cell-noise mix)."""
+    dark: tuple[float, float, float] = (0.33, 0.38, 0.45)
+    """Colour of the odd checker cells (the other end of the cell-noise mix)."""
+    ring_color: tuple[float, float, float] = (0.08, 0.08, 0.1)
+    """Colour of the rings."""
+    pattern: str = "checker"
+    """``"checker"`` or ``"cells"`` (hashed cell noise with cells of edge ``checker``)."""
+
+    def __post_init__(self) -> None:
+        _check_pattern("Disc", self.pattern, ("checker", "cells"))
 
     def intersect(self, o: np.ndarray, d: np.ndarray) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -71,12 +105,15 @@ class Disc:
         return np.where(ok, t, np.inf)
 
     def normal_albedo(self, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        cells = np.floor(p[:, 0] / self.checker) + np.floor(p[:, 1] / self.checker)
-        albedo = _two_tone(cells % 2 == 0, (0.86, 0.85, 0.8), (0.33, 0.38, 0.45))
+        if self.pattern == "cells":
+            albedo = _mix(hashed_cells(p, self.checker), self.light, self.dark)
+        else:
+            cells = np.floor(p[:, 0] / self.checker) + np.floor(p[:, 1] / self.checker)
+            albedo = _two_tone(cells % 2 == 0, self.light, self.dark)
         r = np.sqrt((p[:, :2] ** 2).sum(1))
         k = np.round(r / self.ring_spacing)
         ring = (k > 0) & (np.abs(r - k * self.ring_spacing) < 0.5 * self.ring_width)
-        albedo[ring] = (0.08, 0.08, 0.1)
+        albedo[ring] = self.ring_color
         normals = np.zeros_like(p)
         normals[:, 2] = 1.0
         return normals, albedo
@@ -108,7 +145,17 @@ class Box:
     yaw: float = 0.5
     """Rotation about the world z axis, radians."""
     stripe_period: float = 0.035
-    """Period of the stripes, measured along the (1, 1, 1) diagonal of the box frame."""
+    """Period of the stripes, measured along the (1, 1, 1) diagonal of the box frame (the cell edge for
+    ``"cells"``)."""
+    stripe_color: tuple[float, float, float] = (0.8, 0.16, 0.1)
+    """Colour of every other stripe (one end of the cell-noise mix)."""
+    base_color: tuple[float, float, float] = (0.95, 0.9, 0.84)
+    """Colour of the stripes between (the other end of the cell-noise mix)."""
+    pattern: str = "stripes"
+    """``"stripes"`` or ``"cells"`` (hashed cell noise in the box frame)."""
+
+    def __post_init__(self) -> None:
+        _check_pattern("Box", self.pattern, ("stripes", "cells"))
 
     def _rot(self) -> np.ndarray:
         c, s = math.cos(self.yaw), math.sin(self.yaw)
@@ -133,8 +180,11 @@ class Box:
         axis = rel.argmax(1)
         local_n = np.zeros_like(p)
         local_n[np.arange(len(p)), axis] = np.sign(q[np.arange(len(p)), axis])
-        stripes = np.floor(q.sum(1) / self.stripe_period) % 2 == 0
-        albedo = _two_tone(stripes, (0.8, 0.16, 0.1), (0.95, 0.9, 0.84))
+        if self.pattern == "cells":
+            albedo = _mix(hashed_cells(q, self.stripe_period), self.stripe_color, self.base_color)
+        else:
+            stripes = np.floor(q.sum(1) / self.stripe_period) % 2 == 0
+            albedo = _two_tone(stripes, self.stripe_color, self.base_color)
         return local_n @ self._rot().T.astype(p.dtype), albedo
 
     def bounds(self) -> tuple[np.ndarray, float]:
@@ -189,6 +239,10 @@ class Sphere:
     """Glyphs per row, around the full circle."""
     lat_range: tuple[float, float] = (-0.7, 1.05)
     """Latitudes (radians) bounding the glyph band."""
+    ink: tuple[float, float, float] = (0.08, 0.08, 0.3)
+    """Colour of the glyphs."""
+    paper: tuple[float, float, float] = (0.93, 0.76, 0.3)
+    """Colour of the sphere around the glyphs."""
 
     def intersect(self, o: np.ndarray, d: np.ndarray) -> np.ndarray:
         oc = o - np.asarray(self.center, o.dtype)
@@ -214,7 +268,7 @@ class Sphere:
         glyph = (row * 7 + col * 13 + row * col * 3) % len(_GLYPHS)
         ink = np.zeros(len(p), dtype=bool)
         ink[inside] = _GLYPHS[glyph[inside], gy[inside], gx[inside]]
-        return n, _two_tone(ink, (0.08, 0.08, 0.3), (0.93, 0.76, 0.3))
+        return n, _two_tone(ink, self.ink, self.paper)
 
     def bounds(self) -> tuple[np.ndarray, float]:
         return np.asarray(self.center), self.radius
@@ -246,7 +300,9 @@ class Rod:
     band: float = 0.05
     """Length of one coloured band."""
     color: tuple[float, float, float] = (0.1, 0.55, 0.2)
-    """Colour of every other band (the rest are white)."""
+    """Colour of every other band."""
+    other_color: tuple[float, float, float] = (0.95, 0.95, 0.95)
+    """Colour of the bands between."""
     start_cap: bool = True
     """Whether the end at ``start`` is closed (False for rods standing on the ground)."""
 
@@ -287,7 +343,7 @@ class Rod:
         on_cap = rho < self.radius * (1 - 1e-3)
         normals[on_cap] = np.where((s[on_cap] > 0.5 * length)[:, None], a, -a)
         bands = np.floor(s / self.band) % 2 == 0
-        return normals, _two_tone(bands, self.color, (0.95, 0.95, 0.95))
+        return normals, _two_tone(bands, self.color, self.other_color)
 
     def bounds(self) -> tuple[np.ndarray, float]:
         p0, a, length = self._frame()
