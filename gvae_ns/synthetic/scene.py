@@ -1,4 +1,7 @@
-"""The scene (its primitives, fixed) and everything computed from it: ray casting, views, cameras, points.
+"""The built-in scene (:data:`SCENE`, fixed) and everything computed from a scene: ray casting, views,
+cameras, points. Each function that reads a scene takes it as the keyword ``scene`` (a sequence of
+primitives, the ground disc first, as :func:`gvae_ns.synthetic.variety.random_scene` builds), defaulting
+to :data:`SCENE`.
 
 World frame: z up, everything inside the Blender dataparser's default scene box ``[-1.5, 1.5]^3``.
 Cameras sit on the upper hemisphere of radius ``CAMERA_DISTANCE`` and look at the origin. Images are
@@ -55,11 +58,13 @@ def _build_scene() -> tuple[Primitive, ...]:
 
 
 SCENE = _build_scene()
-"""The primitives of the scene; the ground disc comes first."""
+"""The primitives of the built-in scene; the ground disc comes first."""
 
 
-def trace(origins: np.ndarray, directions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cast rays into the scene. ``origins`` is ``[N, 3]`` or one shared ``[3]`` origin, ``directions``
+def trace(
+    origins: np.ndarray, directions: np.ndarray, *, scene: Sequence[Primitive] = SCENE
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cast rays into ``scene``. ``origins`` is ``[N, 3]`` or one shared ``[3]`` origin, ``directions``
     ``[N, 3]`` unit vectors. Returns the shaded colour ``[N, 3]`` (0 on a miss), the hit mask ``[N]``
     and the distance ``[N]`` (``inf`` on a miss)."""
     d = np.ascontiguousarray(directions, np.float32).reshape(-1, 3)
@@ -70,7 +75,7 @@ def trace(origins: np.ndarray, directions: np.ndarray) -> tuple[np.ndarray, np.n
         o_d, o_o = rowwise_dot(o_rays, d), rowwise_dot(o_rays, o_rays)
     t = np.full(len(d), np.inf, np.float32)
     owner = np.full(len(d), -1, np.int16)
-    for k, prim in enumerate(SCENE):
+    for k, prim in enumerate(scene):
         center, radius = prim.bounds()
         c = center.astype(np.float32)
         if shared:  # distance from the bounding sphere's centre to each ray
@@ -86,7 +91,7 @@ def trace(origins: np.ndarray, directions: np.ndarray) -> tuple[np.ndarray, np.n
             t[near[closer]] = t_prim[closer]
             owner[near[closer]] = k
     rgb = np.zeros((len(d), 3), np.float32)
-    for k, prim in enumerate(SCENE):
+    for k, prim in enumerate(scene):
         idx = np.flatnonzero(owner == k)
         if idx.size:
             normals, albedo = prim.normal_albedo(o_rays[idx] + t[idx, None] * d[idx])
@@ -105,8 +110,16 @@ def _rays(
     return c2w[:3, 3], dirs
 
 
-def render_view(c2w: np.ndarray, width: int, height: int, focal: float, supersample: int = 1) -> np.ndarray:
-    """Render one pinhole view (Blender / OpenGL camera-to-world ``c2w``, principal point at the image
+def render_view(
+    c2w: np.ndarray,
+    width: int,
+    height: int,
+    focal: float,
+    supersample: int = 1,
+    *,
+    scene: Sequence[Primitive] = SCENE,
+) -> np.ndarray:
+    """Render one pinhole view of ``scene`` (Blender / OpenGL camera-to-world ``c2w``, principal point at the image
     centre) as premultiplied RGBA ``[H, W, 4]`` float32, the box-filtered mean of
     ``supersample x supersample`` evenly spaced samples in each pixel."""
     c2w = np.asarray(c2w, np.float64)
@@ -118,16 +131,20 @@ def render_view(c2w: np.ndarray, width: int, height: int, focal: float, supersam
     for r0 in range(0, height, rows_per_chunk):
         r1 = min(height, r0 + rows_per_chunk)
         rows = (np.arange(r0, r1)[:, None] + offsets[None, :]).reshape(-1)
-        rgb, hit, _ = trace(*_rays(c2w, width, height, focal, *np.meshgrid(rows, cols, indexing="ij")))
+        rays = _rays(c2w, width, height, focal, *np.meshgrid(rows, cols, indexing="ij"))
+        rgb, hit, _ = trace(*rays, scene=scene)
         samples = np.concatenate([rgb, hit[:, None].astype(np.float32)], 1)
         rgba[r0:r1] = samples.reshape(r1 - r0, ss, width, ss, 4).mean((1, 3))
     return rgba
 
 
-def render_depth(c2w: np.ndarray, width: int, height: int, focal: float) -> np.ndarray:
-    """Distance along the ray through each pixel centre ``[H, W]`` (``inf`` where nothing is hit)."""
+def render_depth(
+    c2w: np.ndarray, width: int, height: int, focal: float, *, scene: Sequence[Primitive] = SCENE
+) -> np.ndarray:
+    """Distance along the ray through each pixel centre to ``scene`` ``[H, W]`` (``inf`` where nothing is
+    hit)."""
     v, u = np.meshgrid(np.arange(height) + 0.5, np.arange(width) + 0.5, indexing="ij")
-    _, _, depth = trace(*_rays(np.asarray(c2w, np.float64), width, height, focal, v, u))
+    _, _, depth = trace(*_rays(np.asarray(c2w, np.float64), width, height, focal, v, u), scene=scene)
     return depth.reshape(height, width)
 
 
@@ -154,24 +171,24 @@ def camera_poses(n: int, rng: np.random.Generator) -> np.ndarray:
     return np.stack([look_at(p) for p in positions]) if n else np.zeros((0, 4, 4))
 
 
-def _solids() -> list[Primitive]:
-    return [prim for prim in SCENE if hasattr(prim, "sdf")]
+def _solids(scene: Sequence[Primitive]) -> list[Primitive]:
+    return [prim for prim in scene if hasattr(prim, "sdf")]
 
 
-def surface_points(n: int, seed: int = 0) -> np.ndarray:
-    """``n`` points ``[n, 3]`` float32 drawn uniformly by area from the visible surface of the scene:
+def surface_points(n: int, seed: int = 0, *, scene: Sequence[Primitive] = SCENE) -> np.ndarray:
+    """``n`` points ``[n, 3]`` float32 drawn uniformly by area from the visible surface of ``scene``:
     the union of the primitives, without the parts buried in another object or in the ground
     (box bottom, rod feet, ground under objects)."""
     if n < 1:
         raise ValueError(f"surface_points: n must be >= 1, got {n}.")
     rng = np.random.default_rng(seed)
-    areas = np.array([prim.area() for prim in SCENE])
-    solids = _solids()
+    areas = np.array([prim.area() for prim in scene])
+    solids = _solids(scene)
     kept: list[np.ndarray] = []
     total = 0
     while total < n:
         counts = rng.multinomial(int(1.2 * (n - total)) + 16, areas / areas.sum())
-        for prim, count in zip(SCENE, counts, strict=True):
+        for prim, count in zip(scene, counts, strict=True):
             if count == 0:
                 continue
             p = prim.sample(int(count), rng)
@@ -185,7 +202,7 @@ def surface_points(n: int, seed: int = 0) -> np.ndarray:
     return points[rng.permutation(len(points))[:n]].astype(np.float32)
 
 
-def surface_distance(points: np.ndarray) -> np.ndarray:
-    """Unsigned distance ``[M]`` from each point to the nearest primitive surface of the scene."""
+def surface_distance(points: np.ndarray, *, scene: Sequence[Primitive] = SCENE) -> np.ndarray:
+    """Unsigned distance ``[M]`` from each point to the nearest primitive surface of ``scene``."""
     p = np.asarray(points, np.float64).reshape(-1, 3)
-    return np.min(np.stack([prim.distance(p) for prim in SCENE]), 0)
+    return np.min(np.stack([prim.distance(p) for prim in scene]), 0)
