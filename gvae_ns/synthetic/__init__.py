@@ -1,11 +1,13 @@
 """A procedural test scene with known geometry and fine detail, written as Blender-format data.
 
-The scene is fixed (so its surface is known exactly); the seed picks the cameras and the ground-truth
-point sample. The package, in the order data flows:
+The built-in scene is fixed (so its surface is known exactly); :func:`random_scene` draws other scenes
+from a seed, just as exactly known. The seed of :func:`write_scene` picks the cameras and the
+ground-truth point sample, its ``scene_seed`` the scene. The package, in the order data flows:
 
 * :mod:`~gvae_ns.synthetic.primitives`: the analytic surfaces (disc, box, sphere, rods) and their detail;
 * :mod:`~gvae_ns.synthetic.scene`: the scene built from them, ray casting (:func:`trace`), views,
-  depth, camera poses, surface points and distances;
+  depth, camera poses, surface points and distances, each for a given scene (default: the built-in one);
+* :mod:`~gvae_ns.synthetic.variety`: :func:`random_scene`, seeded procedural scenes;
 * :mod:`~gvae_ns.synthetic.writer`: :func:`write_scene`, the Blender-format dataset;
 * :mod:`~gvae_ns.synthetic.cli`: the console tool ``gvae-synthetic``.
 
@@ -29,7 +31,8 @@ from gvae_ns.synthetic.scene import (
     surface_points,
     trace,
 )
-from gvae_ns.synthetic.writer import rgba_to_uint8, save_png, write_scene
+from gvae_ns.synthetic.variety import random_scene
+from gvae_ns.synthetic.writer import SCENE_SEED_KEY, rgba_to_uint8, save_png, write_scene
 
 __all__ = [
     "AMBIENT",
@@ -38,6 +41,7 @@ __all__ = [
     "ELEVATION_RANGE_DEG",
     "LIGHT_DIR",
     "SCENE",
+    "SCENE_SEED_KEY",
     "Box",
     "Disc",
     "Primitive",
@@ -47,6 +51,7 @@ __all__ = [
     "camera_poses",
     "look_at",
     "main",
+    "random_scene",
     "render_depth",
     "render_view",
     "rgba_to_uint8",

@@ -13,7 +13,8 @@ from gvae_ns.synthetic.writer import write_scene
 
 @dataclass
 class SyntheticConfig:
-    """Render the built-in procedural scene as a Blender-format dataset (for ns-train blender-data)."""
+    """Render a procedural scene (the built-in one or a seeded random one) as a Blender-format dataset (for
+    ns-train blender-data)."""
 
     out: Path = Path("data/gvae-synthetic")
     """Output directory (created if missing; files in it are overwritten)."""
@@ -26,11 +27,14 @@ class SyntheticConfig:
     n_test: int = 10
     """Number of test views (used by ns-eval and the benchmark)."""
     seed: int = 0
-    """Seed for the camera poses and the ground-truth point sample (the scene itself is fixed)."""
+    """Seed for the camera poses and the ground-truth point sample (the scene is picked by scene_seed)."""
     supersample: int = 3
     """Samples per pixel side; each pixel is the box-filtered mean of supersample^2 rays."""
     n_points: int = 100_000
     """Number of ground-truth surface points written to points_gt.npy (for Chamfer distance)."""
+    scene_seed: int | None = None
+    """Seed of a random procedural scene (ground, boxes, spheres, posts; recorded in the transforms files as
+    gvae_scene_seed); None renders the built-in scene."""
 
 
 def main() -> None:
@@ -38,12 +42,21 @@ def main() -> None:
     cfg = tyro.cli(SyntheticConfig)
     try:
         out = write_scene(
-            cfg.out, cfg.resolution, cfg.n_train, cfg.n_test, cfg.seed, cfg.supersample, cfg.n_val, cfg.n_points
+            cfg.out,
+            cfg.resolution,
+            cfg.n_train,
+            cfg.n_test,
+            cfg.seed,
+            cfg.supersample,
+            cfg.n_val,
+            cfg.n_points,
+            scene_seed=cfg.scene_seed,
         )
     except ValueError as err:
         raise SystemExit(f"gvae-synthetic: {err}") from None
+    which = "the built-in scene" if cfg.scene_seed is None else f"random scene {cfg.scene_seed}"
     say(
-        f"Wrote {cfg.n_train}/{cfg.n_val}/{cfg.n_test} train/val/test views at {cfg.resolution}px and "
+        f"Wrote {which}: {cfg.n_train}/{cfg.n_val}/{cfg.n_test} train/val/test views at {cfg.resolution}px and "
         f"{cfg.n_points} ground-truth points to {out}.\n"
         f"Train with: ns-train gaussianvae --data {out} blender-data"
     )

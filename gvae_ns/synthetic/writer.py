@@ -1,4 +1,4 @@
-"""The scene written as a Blender-format dataset: ``transforms_*.json``, RGBA PNGs, ground-truth points.
+"""A scene (the built-in one or a seeded random one) written as a Blender-format dataset: ``transforms_*.json``, RGBA PNGs, ground-truth points.
 
 The PNGs have a transparent background (nerfstudio composites them over ``alpha_color``, white by
 default); transparent pixels store white so readers that drop alpha also see a white background.
@@ -15,10 +15,15 @@ from PIL import Image
 from gvae_ns.datasets import SPLITS, atomic_write, write_json
 from gvae_ns.synthetic.scene import (
     CAMERA_ANGLE_X,
+    SCENE,
     camera_poses,
     render_view,
     surface_points,
 )
+from gvae_ns.synthetic.variety import random_scene
+
+SCENE_SEED_KEY = "gvae_scene_seed"
+"""Top-level key of ``transforms_*.json`` holding the scene seed (absent for the built-in scene)."""
 
 
 def save_png(path: Path, image: np.ndarray) -> None:
@@ -56,17 +61,26 @@ def write_scene(
     supersample: int = 3,
     n_val: int | None = None,
     n_points: int = 100_000,
+    scene_seed: int | None = None,
 ) -> Path:
-    """Render the scene into ``out_dir`` as a Blender-format dataset and return ``out_dir``.
+    """Render a scene into ``out_dir`` as a Blender-format dataset and return ``out_dir``.
 
     Writes ``transforms_{train,val,test}.json``, RGBA PNGs ``{split}/r_{i}.png`` of
     ``resolution x resolution`` pixels and ``points_gt.npy`` (``n_points`` surface points, float32, in the
     frame of the cameras). ``n_val`` defaults to ``n_test``. Cameras depend only on ``seed`` and the view
     counts, never on the resolution, so renders at two resolutions show the same views.
+
+    ``scene_seed`` None renders the built-in :data:`~gvae_ns.synthetic.scene.SCENE`; an int renders
+    :func:`~gvae_ns.synthetic.variety.random_scene` of it and records it in each transforms file under
+    :data:`SCENE_SEED_KEY` (the built-in scene's files carry no such key).
     """
     n_val = n_test if n_val is None else n_val
     counts = {"n_train": n_train, "n_val": n_val, "n_test": n_test}
     _check_args(resolution, counts, supersample, n_points)
+    scene = SCENE if scene_seed is None else random_scene(scene_seed)
+    header: dict[str, object] = {"camera_angle_x": CAMERA_ANGLE_X}
+    if scene_seed is not None:
+        header[SCENE_SEED_KEY] = scene_seed
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     focal = 0.5 * resolution / math.tan(0.5 * CAMERA_ANGLE_X)
@@ -75,11 +89,11 @@ def write_scene(
         poses = camera_poses(count, np.random.default_rng([seed, index]))
         frames = []
         for i, c2w in enumerate(poses):
-            rgba = render_view(c2w, resolution, resolution, focal, supersample)
+            rgba = render_view(c2w, resolution, resolution, focal, supersample, scene=scene)
             save_png(out / split / f"r_{i}.png", rgba_to_uint8(rgba))
             frames.append({"file_path": f"./{split}/r_{i}", "rotation": 0.0, "transform_matrix": c2w.tolist()})
-        write_json(out / f"transforms_{split}.json", {"camera_angle_x": CAMERA_ANGLE_X, "frames": frames})
-    points = surface_points(n_points, seed)
+        write_json(out / f"transforms_{split}.json", {**header, "frames": frames})
+    points = surface_points(n_points, seed, scene=scene)
 
     def write_points(tmp: str) -> None:
         with open(tmp, "wb") as f:
