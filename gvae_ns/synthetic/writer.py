@@ -1,4 +1,5 @@
-"""A scene (the built-in one or a seeded random one) written as a Blender-format dataset: ``transforms_*.json``, RGBA PNGs, ground-truth points.
+"""A scene (built-in or seeded random) written as a Blender-format dataset: ``transforms_*.json``, RGBA PNGs,
+ground-truth points.
 
 The PNGs have a transparent background (nerfstudio composites them over ``alpha_color``, white by
 default); transparent pixels store white so readers that drop alpha also see a white background.
