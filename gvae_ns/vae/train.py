@@ -8,9 +8,9 @@ draw all of them. Normalisation statistics are fitted once on the whole set and 
 
 The pieces are public so that the cross-scene prior (:mod:`gvae_ns.prior.train`) trains the same way:
 :func:`clean_transitions` (leakage guard, child cut), :func:`needed_window`, :func:`prepare_training`
-(model + tokens/targets, with the normaliser statistics from a given function), :class:`BatchSampler`
-(the coarse-to-fine mini-batches, with a checkpointable state) and :func:`train_steps` (the loop:
-:func:`training_step` per step, logging, the NaN stop).
+(model + tokens/targets, with the normaliser statistics of :func:`normalizer_rows` from a given
+function), :class:`BatchSampler` (the coarse-to-fine mini-batches, with a checkpointable state) and
+:func:`train_steps` (the loop: :func:`training_step` per step, logging, the NaN stop).
 
 ``transitions`` is duck-typed: any object with ``history [N, S, 59]``, ``history_mask [N, S]``,
 ``children [N, C, 59]``, ``children_mask [N, C]`` and ``stage [N]`` (e.g. the lineage dataset's
@@ -33,8 +33,8 @@ from gvae_ns.vae.losses import LossWeights, cyclic_beta, vae_loss
 from gvae_ns.vae.model import ChildTargets, GaussianVAE, GaussianVAEConfig, Normalizer
 
 __all__ = ["VAETrainConfig", "train_vae", "CleanTransitions", "clean_transitions", "needed_window", "TrainingData",
-           "NORMALIZERS", "fit_statistics", "prepare_training", "BatchSampler", "training_step", "train_steps",
-           "new_log"]
+           "NORMALIZERS", "normalizer_rows", "fit_statistics", "prepare_training", "BatchSampler", "training_step",
+           "train_steps", "new_log"]
 
 Progress = Callable[[int, Optional[Dict[str, float]]], None]
 """``progress(done, losses)``, e.g. :func:`gvae_ns.progress.phase`'s."""
@@ -142,6 +142,17 @@ def fit_statistics(rows: Tensor, min_std: float) -> Tuple[Tensor, Tensor]:
     return norm.mean, norm.std
 
 
+def normalizer_rows(tokens: HistoryTokens, targets: ChildTargets) -> Dict[str, Tensor]:
+    """The rows each normaliser of :data:`NORMALIZERS` is fitted on: present history tokens, existing target
+    children (``[M, dim]`` each)."""
+    return {
+        "geometry.token_norm": tokens.geometry[tokens.mask],
+        "appearance.token_norm": tokens.appearance[tokens.mask],
+        "geometry.target_norm": targets.geometry[targets.mask],
+        "appearance.target_norm": targets.appearance[targets.mask],
+    }
+
+
 def _cat(parts: List[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -176,12 +187,7 @@ def prepare_training(
     tokens = HistoryTokens(*(_cat([getattr(t, f) for t in tokens_parts])
                              for f in ("geometry", "appearance", "mask", "parent")))
     targets = ChildTargets(*(_cat([getattr(t, f) for t in target_parts]) for f in ("geometry", "appearance", "mask")))
-    rows = {
-        "geometry.token_norm": tokens.geometry[tokens.mask],
-        "appearance.token_norm": tokens.appearance[tokens.mask],
-        "geometry.target_norm": targets.geometry[targets.mask],
-        "appearance.target_norm": targets.appearance[targets.mask],
-    }
+    rows = normalizer_rows(tokens, targets)
     for name in NORMALIZERS:
         mean, std = statistics(rows[name], config.min_std)
         norm = vae.get_submodule(name)
