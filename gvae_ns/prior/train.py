@@ -353,6 +353,8 @@ def _train(shards: List[Path], config: PriorTrainConfig, out_dir: Path, device: 
            progress: Optional[Progress]) -> GaussianVAE:
     rank, world_size = _rank_world()
     device = _default_device() if device is None else torch.device(device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # NCCL's object collectives and barrier use the current device
     if len(shards) < world_size:
         raise ValueError(f"train_prior: {len(shards)} shards for {world_size} processes; each needs at least one")
     vcfg = config.vae_config()

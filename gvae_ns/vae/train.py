@@ -34,7 +34,7 @@ from gvae_ns.vae.model import ChildTargets, GaussianVAE, GaussianVAEConfig, Norm
 
 __all__ = ["VAETrainConfig", "train_vae", "CleanTransitions", "clean_transitions", "needed_window", "TrainingData",
            "NORMALIZERS", "normalizer_rows", "fit_statistics", "prepare_training", "BatchSampler", "training_step",
-           "train_steps", "new_log"]
+           "train_steps", "new_log", "Progress", "Statistics"]
 
 Progress = Callable[[int, Optional[Dict[str, float]]], None]
 """``progress(done, losses)``, e.g. :func:`gvae_ns.progress.phase`'s."""
