@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -126,6 +126,15 @@ def box_downscale(image: np.ndarray, factor: int) -> np.ndarray:
     else:
         out = pool(img)
     return out[..., 0] if squeeze else out
+
+
+def read_json(path: Path) -> Optional[dict]:
+    """The JSON object in ``path``, or None when it is missing, unreadable or not an object (a record to redo)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -12,17 +12,18 @@ from typing import Any, Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from gvae_ns.bench.config import BenchConfig, BenchError, RowSpec, RunSpec, read_json
+from gvae_ns.bench.config import BenchConfig, BenchError, RowSpec, RunSpec
 from gvae_ns.bench.refine import suite_refine_config
 from gvae_ns.bench.scene_copies import COPY_FORMAT, check_downscales, copy_notes, write_copy
 from gvae_ns.bench.scenes import detect_layout, read_scene
 from gvae_ns.console import say
 from gvae_ns.data_checks import DataCheckError
-from gvae_ns.datasets import check_blender_dir, downscale_blender, write_json
+from gvae_ns.datasets import check_blender_dir, downscale_blender, read_json, write_json
 from gvae_ns.synthetic import write_scene
 
 _SELECT_LABEL = {"all": "Ours", "hessian": "Ours-nabla2", "grad": "Ours-grad"}
-_DECODER_TAG = {"temporal": ("", ""), "generative": ("-gd", " (GD head)"), "split": ("-split", " (3DGS split, no learning)"),
+_DECODER_TAG = {"temporal": ("", ""), "generative": ("-gd", " (GD head)"),
+                "prior": ("-prior", " (shipped prior)"), "split": ("-split", " (3DGS split, no learning)"),
                 "none": ("-ft", " (fine-tune only)")}
 """Row id suffix and label tag of each refinement decoder (temporal rows keep the ids they had before)."""
 _SPLIT_SELECTION = {"all": "the whole scene", "hessian": "the Hessian selection", "grad": "the gradient selection"}

@@ -14,10 +14,10 @@ from gvae_ns.bench.config import (
     BenchError,
     RowSpec,
     fingerprint,
-    read_json,
 )
 from gvae_ns.bench.evaluate import sync
-from gvae_ns.datasets import write_json
+from gvae_ns.datasets import read_json, write_json
+from gvae_ns.prior.shipped import read_manifest
 from gvae_ns.refine.cli import RefineConfig, refine_run
 from gvae_ns.run_layout import DECODER_FILES, RunLayout
 
@@ -39,6 +39,8 @@ def _refine_fingerprint(cfg: BenchConfig, row: RowSpec, run_record: dict) -> str
             "method": REFINE_METHOD}
     if row.refine_decoder not in (None, "temporal"):  # temporal refinements made before the field stay valid
         spec["decoder"] = row.refine_decoder
+    if row.refine_decoder == "prior":  # another shipped prior makes the row again
+        spec["prior_sha256"] = read_manifest()["sha256"]
     return fingerprint(spec)
 
 

@@ -136,7 +136,7 @@ def format_table(results: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-_LEARNED = {"temporal": "lineage VAE", "generative": "densification head"}
+_LEARNED = {"temporal": "lineage VAE", "generative": "densification head", "prior": "shipped prior"}
 
 
 def learned_part_lines(rows: List[dict]) -> List[str]:

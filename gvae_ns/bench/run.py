@@ -22,7 +22,6 @@ from gvae_ns.bench.config import (
     check_config,
     fingerprint,
     load_suite,
-    read_json,
 )
 from gvae_ns.bench.evaluate import (
     attach_refinement,
@@ -35,7 +34,7 @@ from gvae_ns.bench.refine import refine_row, refined, refinement_path
 from gvae_ns.bench.report import environment, render_path, slug_path, write_reports
 from gvae_ns.bench.train import Budget, train_all
 from gvae_ns.console import say
-from gvae_ns.datasets import write_json
+from gvae_ns.datasets import read_json, write_json
 
 
 # ------------------------------------------------------------------------------------------------- the loop

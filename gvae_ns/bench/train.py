@@ -13,8 +13,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from gvae_ns.bench.config import BenchConfig, RunSpec, fingerprint, read_json
-from gvae_ns.datasets import write_json
+from gvae_ns.bench.config import BenchConfig, RunSpec, fingerprint
+from gvae_ns.datasets import read_json, write_json
 
 
 # ------------------------------------------------------------------------------------------------ training

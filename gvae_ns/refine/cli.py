@@ -50,9 +50,10 @@ class RefineConfig:
     """Fraction of Gaussians selected by 'hessian' / 'grad'."""
     output: Optional[Path] = None
     """Where to write the refinement (default: <run>/refinement.pt, which ns-viewer and ns-export load)."""
-    decoder: Literal["temporal", "generative", "split", "none"] = "temporal"
+    decoder: Literal["temporal", "generative", "prior", "split", "none"] = "temporal"
     """temporal: the lineage VAE's child slots; generative: the serialized-attention densification head
-    (Generative Densification); split: the no-learning control, 3DGS's split of the same selection; none: the
+    (Generative Densification); prior: the lineage VAE shipped in the package, trained across procedural scenes
+    (gvae-pretrain), used as it is; split: the no-learning control, 3DGS's split of the same selection; none: the
     fine-tune-only control (no proposals)"""
     temperature: float = 0.0
     """Latent noise of the VAE's draws (0: its deterministic prediction, the prior's mean)."""
@@ -141,8 +142,12 @@ def load_refiner(run: RunState, scores: Optional[Dict[str, Tensor]], decoder: st
     :class:`~gvae_ns.refine.result.RefinementUnavailable` with the file's own one-paragraph message."""
     if not scores:
         raise RefinementUnavailable(f"no selection scores: run gvae-refine to write {REFINEMENT_FILE}.")
-    if not decoder_class(decoder).learned:
-        return Refiner(run, decoder_class(decoder)(), scores, fraction=fraction)
+    if not decoder_class(decoder).per_run:
+        try:
+            net = decoder_class(decoder).load(Path(), run.device, None, None)
+        except (OSError, ValueError) as err:
+            raise RefinementUnavailable(str(err)) from None
+        return Refiner(run, net, scores, fraction=fraction)
     if run.run_dir is None:
         raise RefinementUnavailable("the run folder is not known: run gvae-refine first.")
     path = RunLayout(run.run_dir).decoder(decoder)

@@ -3,7 +3,7 @@
 A :class:`Decoder` turns the selected Gaussians (their packed states and ancestor histories) into a
 :class:`Proposal`: for each selected Gaussian, the family of Gaussians that would replace it ``k`` stages
 finer (possibly none). What is done with a family (it replaces its parent only when it has two members or
-more, with the parent's opacity conserved) is the Refiner's rule, the same for every decoder. Four
+more, with the parent's opacity conserved) is the Refiner's rule, the same for every decoder. Five
 implementations, picked by name from :data:`DECODERS`:
 
 * ``temporal``, :class:`LineageVAEDecoder`: the lineage VAE (:mod:`gvae_ns.vae`), which reads each
@@ -11,6 +11,8 @@ implementations, picked by name from :data:`DECODERS`:
   is the lineage's own continuation (when it survives) and the Gaussians added beside it;
 * ``generative``, :class:`DensifyHeadDecoder`: the generative-densification head (:mod:`gvae_ns.densify`),
   which sees only the current Gaussians and their neighbours and proposes finer ones in one pass per stage;
+* ``prior``, :class:`PriorDecoder`: the lineage VAE shipped in the package, trained across procedural scenes
+  by ``gvae-pretrain`` (:mod:`gvae_ns.prior`), used zero-shot;
 * ``split``, :class:`SplitDecoder`: the no-learning control, 3DGS's split (two children drawn from the
   parent's own Gaussian, scales divided by 1.6), ``k`` times;
 * ``none``, :class:`NoProposalDecoder`: the fine-tune-only control, which proposes nothing.
@@ -42,6 +44,7 @@ from gvae_ns.densify.train import (
 from gvae_ns.gaussians import MEANS, PACKED_DIM, QUATS, SCALES
 from gvae_ns.lineage.dataset import build_transitions
 from gvae_ns.lineage.format import Lineage
+from gvae_ns.prior.shipped import load_shipped
 from gvae_ns.progress import phase
 from gvae_ns.quaternions import rotate
 from gvae_ns.run_layout import DECODER_FILES
@@ -70,8 +73,9 @@ class Decoder(Protocol):
     """``temporal``, ``generative`` or ``split``: the name files and flags use."""
     label: ClassVar[str]
     """What to call it in messages."""
-    learned: ClassVar[bool]
-    """Whether it is fitted on the lineage and kept in a file beside the run."""
+    per_run: ClassVar[bool]
+    """Whether it is fitted on the run's lineage and kept in a file beside the run (the lineage VAE, the
+    densification head); the shipped prior and the controls are not."""
 
     @classmethod
     def fit(cls, lineage: Lineage, steps: int, device: Device, seed: int, writer_step: int = 0) -> "Decoder":
@@ -96,7 +100,7 @@ class LineageVAEDecoder:
 
     name: ClassVar[str] = "temporal"
     label: ClassVar[str] = "VAE"
-    learned: ClassVar[bool] = True
+    per_run: ClassVar[bool] = True
 
     def __init__(self, net: GaussianVAE) -> None:
         self.net = net
@@ -129,12 +133,33 @@ class LineageVAEDecoder:
         return Proposal(members=members[order], source=source[order])
 
 
+class PriorDecoder(LineageVAEDecoder):
+    """The cross-scene prior shipped in the package (:mod:`gvae_ns.prior.shipped`): a lineage VAE trained by
+    ``gvae-pretrain`` on many procedural scenes, used as it is (zero-shot); nothing is fitted on the run or kept
+    beside it. Proposals are the lineage VAE's."""
+
+    name: ClassVar[str] = "prior"
+    label: ClassVar[str] = "shipped prior"
+    per_run: ClassVar[bool] = False
+
+    @classmethod
+    def fit(cls, lineage: Lineage, steps: int, device: Device, seed: int, writer_step: int = 0) -> "PriorDecoder":
+        return cls(load_shipped(device))
+
+    @classmethod
+    def load(cls, path: Path, device: Device, expected: Optional[Provenance], rebuild: Optional[str]) -> "PriorDecoder":
+        return cls(load_shipped(device))
+
+    def save(self, path: Path, provenance: Optional[Provenance]) -> Path:
+        return path
+
+
 class DensifyHeadDecoder:
     """The generative-densification head as a :class:`Decoder` (it reads no history)."""
 
     name: ClassVar[str] = "generative"
     label: ClassVar[str] = "densification head"
-    learned: ClassVar[bool] = True
+    per_run: ClassVar[bool] = True
 
     def __init__(self, net: DensifyHead) -> None:
         self.net = net
@@ -163,7 +188,7 @@ class DensifyHeadDecoder:
 class _Unlearned:
     """A control decoder: nothing to fit, nothing to keep in a file."""
 
-    learned: ClassVar[bool] = False
+    per_run: ClassVar[bool] = False
 
     @classmethod
     def fit(cls, lineage: Lineage, steps: int, device: Device, seed: int, writer_step: int = 0):
@@ -234,11 +259,11 @@ def split_gaussians(parents: Tensor, generator: torch.Generator, scale_divisor: 
 
 
 DECODERS: Dict[str, Type[Decoder]] = {LineageVAEDecoder.name: LineageVAEDecoder,
-                                      DensifyHeadDecoder.name: DensifyHeadDecoder,
+                                      DensifyHeadDecoder.name: DensifyHeadDecoder, PriorDecoder.name: PriorDecoder,
                                       SplitDecoder.name: SplitDecoder, NoProposalDecoder.name: NoProposalDecoder}
 """Decoder name -> implementation; the learned ones are kept in the files of
 :data:`gvae_ns.run_layout.DECODER_FILES`."""
-assert {n for n, d in DECODERS.items() if d.learned} == set(DECODER_FILES)
+assert {n for n, d in DECODERS.items() if d.per_run} == set(DECODER_FILES)
 
 
 def decoder_class(name: str) -> Type[Decoder]:
@@ -258,7 +283,7 @@ def decoder_for_run(name: str, path: Path, lineage: Lineage, provenance: Provena
     with ``rebuild`` as the fix; it is never replaced without ``retrain``."""
     cls = decoder_class(name)
     log = log or say
-    if not cls.learned:
+    if not cls.per_run:
         return cls.fit(lineage, steps, device, seed, writer_step)
     if path.exists() and not retrain:
         decoder = cls.load(path, device, provenance, rebuild)

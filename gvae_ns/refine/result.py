@@ -62,8 +62,9 @@ REFINEMENT_FILE_FORMAT = FileFormat(
     rebuild="make it again with gvae-refine --load-config <run>/config.yml",
 )
 
-DECODERS = (*DECODER_FILES, "split", "none")
+DECODERS = (*DECODER_FILES, "prior", "split", "none")
 """The decoder names a refinement records: ``temporal`` (lineage VAE), ``generative`` (densification head),
+``prior`` (the shipped cross-scene prior),
 ``split`` (the no-learning 3DGS-split control) and ``none`` (the fine-tune-only control)."""
 SELECTIONS = ("hessian", "grad", "all")
 """The selection modes (see :mod:`gvae_ns.refine.score`)."""

@@ -1,0 +1,93 @@
+"""``gvae-pretrain``: make the cross-scene prior (scenes -> trainings -> shards -> data-parallel VAE -> weights).
+
+Three steps, each resumable in ``--out``: :func:`gvae_ns.prior.corpus.build_corpus` renders and trains the
+procedural scenes and writes their shards; :func:`gvae_ns.prior.train.train_prior` trains one lineage VAE on
+all of them in ``--world-size`` processes (``torch.distributed``: gloo on CPU, NCCL on GPUs; a checkpoint in
+``--out`` lets a stopped run resume); ``--ship`` then writes the weights and their manifest into the package
+(:mod:`gvae_ns.prior.shipped`), where ``gvae-refine --decoder prior`` and gvae-bench's ``prior`` rows find them.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import tyro
+
+from gvae_ns.console import say
+from gvae_ns.prior.corpus import CorpusConfig, build_corpus
+from gvae_ns.prior.shipped import SHIPPED_DIR, write_shipped
+from gvae_ns.prior.train import PriorTrainConfig, load_shard, run_distributed, train_prior
+from gvae_ns.progress import phase
+from gvae_ns.vae.file import load_vae
+
+
+@dataclass
+class PretrainConfig:
+    """Train the cross-scene prior (``gvae-pretrain``)."""
+
+    out: Path = Path("outputs/prior")
+    """Working folder: scenes, runs, shards, the training checkpoint and the trained prior (reused to resume)."""
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    """The procedural scenes and how each is trained."""
+    train: PriorTrainConfig = field(default_factory=PriorTrainConfig)
+    """How the prior VAE is trained on their transitions."""
+    world_size: int = 2
+    """Training processes (torch.distributed; one per GPU on a GPU machine)."""
+    ship: bool = False
+    """Write the weights and their manifest into the package (gvae_ns/prior/weights/), replacing the shipped prior."""
+    ship_dir: Optional[Path] = None
+    """Where --ship writes (default: the package's own gvae_ns/prior/weights/)."""
+
+
+def pretrain(config: PretrainConfig, argv: Optional[list] = None) -> Path:
+    """Run the three steps of :mod:`gvae_ns.prior.cli`; returns the trained prior's file."""
+    if config.world_size < 1:
+        raise ValueError(f"--world-size must be at least 1, got {config.world_size}.")
+    if not config.corpus.scene_seeds:
+        raise ValueError("--corpus.scene-seeds is empty: give at least one scene seed.")
+    started = time.perf_counter()
+    out = config.out.resolve()
+    shards = build_corpus(config.corpus, out, log=say)
+    transitions = sum(len(load_shard(p)) for p in shards)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    say(f"gvae-pretrain: training the prior on {transitions} transitions from {len(shards)} scenes "
+        f"({config.world_size} {backend} process(es))")
+    run_distributed(_train_worker, config.world_size, backend, args=(shards, config.train, out / "train"))
+    prior = out / "train" / "prior.pt"
+    say(f"gvae-pretrain: prior -> {prior}")
+    if config.ship:
+        facts = {"command": shlex.join(["gvae-pretrain", *(argv or [])]), "scene_seeds": list(config.corpus.scene_seeds),
+                 "transitions": transitions, "steps": config.train.steps, "world_size": config.world_size,
+                 "backend": backend, "wall_s": round(time.perf_counter() - started, 1),
+                 "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {torch.get_num_threads()} "
+                 f"threads{', CUDA' if torch.cuda.is_available() else ', CPU only'}"}
+        manifest = write_shipped(load_vae(prior), config.ship_dir or SHIPPED_DIR, facts)
+        say(f"gvae-pretrain: shipped {manifest['bytes']} bytes (sha256 {manifest['sha256'][:12]}...) -> "
+            f"{config.ship_dir or SHIPPED_DIR}")
+    return prior
+
+
+def _train_worker(shards: list, config: PriorTrainConfig, out: Path) -> None:
+    """One training process (rank 0 shows the progress bar)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        train_prior(shards, config, out)
+        return
+    with phase("Prior training", config.steps) as advance:
+        train_prior(shards, config, out, progress=advance)
+
+
+def main() -> None:
+    """Console entry point ``gvae-pretrain``."""
+    config = tyro.cli(PretrainConfig)
+    try:
+        pretrain(config, sys.argv[1:])
+    except (ValueError, RuntimeError, OSError) as err:
+        raise SystemExit(f"gvae-pretrain: {err}") from None

@@ -1,0 +1,178 @@
+"""The prior's training data: procedural scenes trained through the stages, each one's lineage turned into a shard.
+
+For every scene seed: render ``gvae-synthetic --scene-seed N`` at ``resolution`` (the scene's own high
+resolution), train ``ns-train gaussianvae`` on it through ``stage_downscales`` (by default 1/8, 1/4, 1/2, 1/1,
+so the last transition is a true "low-resolution final stage -> twice the resolution" one, seen in the images),
+and write the lineage's stage transitions (:func:`gvae_ns.lineage.dataset.build_transitions`) as one shard
+(:func:`gvae_ns.prior.train.save_shard`). The benchmark scenes (the built-in scene, lego, fox) never enter:
+only :func:`gvae_ns.synthetic.variety.random_scene` scenes do.
+
+Scenes render in parallel worker processes and the trainings run ``jobs`` at a time as ``ns-train``
+subprocesses (each with ``OMP_NUM_THREADS = cores / jobs`` on a CPU). Everything is resumable: a scene, a run
+or a shard that is complete (its marker holds the settings it was made with) is not made again.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence, Tuple
+
+from gvae_ns.datasets import read_json, write_json
+from gvae_ns.lineage.dataset import build_transitions
+from gvae_ns.lineage.format import load_lineage
+from gvae_ns.prior.train import save_shard
+from gvae_ns.run_layout import RunLayout
+from gvae_ns.synthetic import write_scene
+from gvae_ns.vae.config import GaussianVAEConfig
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """What the prior is trained on (the defaults fit a 2-core CPU: about 2-3 min of training per scene)."""
+
+    scene_seeds: Tuple[int, ...] = tuple(range(1, 9))
+    """Seeds of the procedural scenes (``gvae-synthetic --scene-seed``)."""
+    resolution: int = 128
+    """Each scene's image size in pixels: the finest stage trains at it."""
+    stage_downscales: Tuple[int, ...] = (8, 4, 2, 1)
+    """Training stages, as downscales of ``resolution`` (coarse to fine, ending at 1)."""
+    stage_fractions: Tuple[float, ...] = (0.1, 0.15, 0.25, 0.5)
+    """Share of ``steps`` each stage gets (the last takes the rounding remainder)."""
+    steps: int = 1500
+    """Training steps per scene."""
+    n_train: int = 40
+    """Training views per scene."""
+    n_val: int = 4
+    """Validation views per scene (ns-train's evaluation split)."""
+    supersample: int = 2
+    """Rays per pixel side when rendering a scene."""
+    jobs: int = 2
+    """Scenes rendered and trained at once."""
+    train_args: str = ("--pipeline.model.num-random 5000 --pipeline.model.random-scale 3.0 "
+                       "--pipeline.model.warmup-length 100 --pipeline.model.refine-every 50 "
+                       "--pipeline.model.sh-degree-interval 250")
+    """Extra ns-train flags of every scene's run, one string (short-run densification and SH schedule), e.g.
+    --corpus.train-args='--pipeline.model.num-random 2000'."""
+
+
+def stage_steps(total: int, fractions: Sequence[float]) -> Tuple[int, ...]:
+    """``total`` steps split over stages in proportion to ``fractions`` (each >= 1, the last takes the rest)."""
+    steps = [max(1, int(round(total * f))) for f in fractions[:-1]]
+    return (*steps, max(1, total - sum(steps)))
+
+
+def _scene_dir(out: Path, seed: int) -> Path:
+    return out / "scenes" / f"seed-{seed}"
+
+
+def _run_dir(out: Path, seed: int) -> Path:
+    return out / "runs" / f"seed-{seed}" / "gaussianvae" / "run"
+
+
+def shard_path(out: Path, seed: int) -> Path:
+    """Where scene ``seed``'s shard is written."""
+    return out / "shards" / f"seed-{seed}.pt"
+
+
+def train_command(cfg: CorpusConfig, out: Path, seed: int) -> List[str]:
+    """The ns-train command line of scene ``seed``."""
+    return [
+        sys.executable, "-m", "nerfstudio.scripts.train", "gaussianvae",
+        "--output-dir", str(out / "runs"), "--experiment-name", f"seed-{seed}", "--timestamp", "run",
+        "--vis", "tensorboard", "--max-num-iterations", str(cfg.steps), "--steps-per-save", str(cfg.steps),
+        "--steps-per-eval-batch", "0", "--steps-per-eval-image", "0", "--steps-per-eval-all-images", "0",
+        "--pipeline.model.background-color", "white",
+        "--pipeline.model.stage-downscales", *map(str, cfg.stage_downscales),
+        "--pipeline.model.stage-steps", *map(str, stage_steps(cfg.steps, cfg.stage_fractions)),
+        "--pipeline.model.refinement-after-training", "False",
+        *shlex.split(cfg.train_args),
+        "blender-data", "--data", str(_scene_dir(out, seed)),
+    ]
+
+
+def _render(args: Tuple[CorpusConfig, str, int]) -> int:
+    cfg, out, seed = args
+    directory = _scene_dir(Path(out), seed)
+    spec = {"resolution": cfg.resolution, "n_train": cfg.n_train, "n_val": cfg.n_val,
+            "supersample": cfg.supersample, "scene_seed": seed}
+    if read_json(directory / "corpus-scene.json") == spec:
+        return seed
+    shutil.rmtree(directory, ignore_errors=True)
+    write_scene(directory, cfg.resolution, cfg.n_train, n_test=1, seed=seed, supersample=cfg.supersample,
+                n_val=cfg.n_val, n_points=1000, scene_seed=seed)
+    write_json(directory / "corpus-scene.json", spec)
+    return seed
+
+
+def _shard(cfg: CorpusConfig, out: Path, seed: int) -> Path:
+    lineage = load_lineage(RunLayout(_run_dir(out, seed)).lineage)
+    transitions = build_transitions(lineage, max_children=GaussianVAEConfig().max_children)
+    return save_shard(shard_path(out, seed), transitions, scene=f"gvae-synthetic --scene-seed {seed}")
+
+
+def build_corpus(cfg: CorpusConfig, out: Path, log: Callable[[str], None]) -> List[Path]:
+    """Render, train and shard every scene of ``cfg`` under ``out`` (resuming what is done); the shards, in
+    seed order. A failed training stops with ``RuntimeError`` naming its log."""
+    out = Path(out).resolve()
+    todo = [s for s in cfg.scene_seeds if read_json(shard_path(out, s).with_suffix(".json")) != _shard_spec(cfg, s)]
+    if todo:
+        log(f"gvae-pretrain: rendering {len(todo)} scene(s) at {cfg.resolution} px ({cfg.jobs} at a time)")
+        with ProcessPoolExecutor(max_workers=cfg.jobs) as pool:
+            for seed in pool.map(_render, [(cfg, str(out), s) for s in todo]):
+                log(f"gvae-pretrain: scene {seed} rendered -> {_scene_dir(out, seed)}")
+        _train_all(cfg, out, todo, log)
+        for seed in todo:
+            path = _shard(cfg, out, seed)
+            write_json(path.with_suffix(".json"), _shard_spec(cfg, seed))
+            log(f"gvae-pretrain: scene {seed} -> {path}")
+    return [shard_path(out, s) for s in cfg.scene_seeds]
+
+
+def _shard_spec(cfg: CorpusConfig, seed: int) -> Dict[str, object]:
+    spec = asdict(cfg)
+    spec.pop("jobs")
+    spec.pop("scene_seeds")
+    return {**spec, "seed": seed}
+
+
+def _train_all(cfg: CorpusConfig, out: Path, seeds: Sequence[int], log: Callable[[str], None]) -> None:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.jobs)))
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    pending = list(seeds)
+    running: List[Tuple[int, subprocess.Popen, float, Path, object]] = []
+    try:
+        while pending or running:
+            while pending and len(running) < cfg.jobs:
+                seed = pending.pop(0)
+                shutil.rmtree(out / "runs" / f"seed-{seed}", ignore_errors=True)
+                log_path = out / "logs" / f"train-seed-{seed}.log"
+                handle = open(log_path, "w", encoding="utf-8")
+                log(f"gvae-pretrain: training scene {seed} for {cfg.steps} steps (log: {log_path})")
+                proc = subprocess.Popen(train_command(cfg, out, seed), stdout=handle, stderr=subprocess.STDOUT,
+                                        env=env, cwd=str(out))
+                running.append((seed, proc, time.monotonic(), log_path, handle))
+            time.sleep(0.5)
+            for item in list(running):
+                seed, proc, started, log_path, handle = item
+                if proc.poll() is None:
+                    continue
+                handle.close()
+                running.remove(item)
+                if proc.returncode != 0 or not RunLayout(_run_dir(out, seed)).lineage.is_file():
+                    raise RuntimeError(f"gvae-pretrain: training scene {seed} failed (exit {proc.returncode}); "
+                                       f"see {log_path}")
+                log(f"gvae-pretrain: scene {seed} trained in {time.monotonic() - started:.0f} s")
+    finally:
+        for _, proc, _, _, handle in running:
+            proc.terminate()
+            proc.wait()
+            handle.close()

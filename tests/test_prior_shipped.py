@@ -1,0 +1,90 @@
+"""The shipped cross-scene prior: its manifest, the checks before loading, and the ``prior`` decoder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gvae_ns.prior import shipped
+from gvae_ns.prior.shipped import MANIFEST_KEYS, PriorUnavailable, load_shipped, read_manifest, write_shipped
+from gvae_ns.refine import decoder as decoder_module
+from gvae_ns.refine.decoder import DECODERS, PriorDecoder, decoder_for_run
+from gvae_ns.vae.model import GaussianVAE, GaussianVAEConfig, StreamConfig
+
+STREAM = dict(width=16, encoder_layers=1, decoder_layers=1, heads=2, latent_dim=4, flow_layers=2, flow_hidden=8,
+              child_embed=4)
+FACTS = {"command": "gvae-pretrain --test", "scene_seeds": [1, 2], "transitions": 10, "steps": 3, "world_size": 2,
+         "backend": "gloo", "wall_s": 1.0, "date": "2026-12-04", "machine": "test"}
+
+
+def tiny_vae(seed: int = 0) -> GaussianVAE:
+    torch.manual_seed(seed)
+    return GaussianVAE(GaussianVAEConfig(geometry=StreamConfig(**STREAM), appearance=StreamConfig(**STREAM)))
+
+
+def test_written_prior_loads_with_the_same_weights(tmp_path):
+    vae = tiny_vae()
+    manifest = write_shipped(vae, tmp_path, FACTS)
+    assert set(MANIFEST_KEYS) <= set(manifest)
+    assert json.loads((tmp_path / "manifest.json").read_text()) == manifest
+    assert manifest["bytes"] == (tmp_path / "prior.pt").stat().st_size
+    loaded = load_shipped(directory=tmp_path)
+    for key, value in vae.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert not loaded.training
+
+
+def test_weights_that_disagree_with_the_manifest_are_refused(tmp_path):
+    write_shipped(tiny_vae(0), tmp_path, FACTS)
+    manifest = (tmp_path / "manifest.json").read_text()
+    write_shipped(tiny_vae(1), tmp_path, FACTS)  # other weights, then the old manifest put back
+    (tmp_path / "manifest.json").write_text(manifest)
+    with pytest.raises(PriorUnavailable, match="prior.pt.*manifest says"):
+        load_shipped(directory=tmp_path)
+
+
+def test_missing_or_incomplete_manifest_names_the_file(tmp_path):
+    with pytest.raises(PriorUnavailable, match="manifest.json: no cross-scene prior"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"file": "prior.pt"}))
+    with pytest.raises(PriorUnavailable, match="lacks"):
+        read_manifest(tmp_path)
+    write_shipped(tiny_vae(), tmp_path, FACTS)
+    (tmp_path / "prior.pt").unlink()
+    with pytest.raises(PriorUnavailable, match="missing"):
+        load_shipped(directory=tmp_path)
+
+
+def test_oversized_weights_are_not_shipped(tmp_path):
+    with pytest.raises(ValueError, match="over the 100-byte cap"):
+        write_shipped(tiny_vae(), tmp_path, FACTS, max_bytes=100)
+    assert not (tmp_path / "manifest.json").exists() and not (tmp_path / "prior.pt").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_manifest_facts_are_required(tmp_path):
+    with pytest.raises(ValueError, match="lack.*date"):
+        write_shipped(tiny_vae(), tmp_path, {k: v for k, v in FACTS.items() if k != "date"})
+
+
+def test_prior_decoder_uses_the_shipped_weights_without_a_file_beside_the_run(tmp_path, monkeypatch):
+    vae = tiny_vae(3)
+    write_shipped(vae, tmp_path / "weights", FACTS)
+    monkeypatch.setattr(decoder_module, "load_shipped", lambda device: load_shipped(device, tmp_path / "weights"))
+    assert DECODERS["prior"] is PriorDecoder and not PriorDecoder.per_run
+    run = tmp_path / "run"
+    run.mkdir()
+    decoder = decoder_for_run("prior", run, lineage=None, provenance=None, steps=5, device="cpu")
+    assert isinstance(decoder, PriorDecoder)
+    assert torch.equal(decoder.net.state_dict()["geometry.token_norm.std"], vae.state_dict()["geometry.token_norm.std"])
+    assert list(run.iterdir()) == []  # nothing fitted, nothing written beside the run
+
+
+def test_the_package_ships_a_prior_within_the_size_cap():
+    manifest = read_manifest()
+    assert manifest["bytes"] <= shipped.MAX_BYTES
+    assert manifest["scene_seeds"] and manifest["transitions"] > 0
+    net = load_shipped()
+    assert sum(p.numel() for p in net.parameters()) * 4 <= shipped.MAX_BYTES
