@@ -12,6 +12,7 @@ path (in the run folder)   what
 ``lineage.npz``            the lineage of every Gaussian and the stage snapshots (:mod:`gvae_ns.lineage.format`)
 ``vae.pt``                 the lineage VAE trained on the run (decoder ``temporal``)
 ``densify_head.pt``        the generative-densification head trained on the run (decoder ``generative``)
+``prior_tuned.pt``         the shipped prior fine-tuned on the run (decoder ``prior-tuned``)
 ``refinement.pt``          the refinement the viewer and the exporter show (:mod:`gvae_ns.refine.result`)
 =========================  ========================================================================
 """
@@ -28,7 +29,8 @@ LINEAGE_FILE = "lineage.npz"
 VAE_FILE = "vae.pt"
 DENSIFY_HEAD_FILE = "densify_head.pt"
 REFINEMENT_FILE = "refinement.pt"
-DECODER_FILES = {"temporal": VAE_FILE, "generative": DENSIFY_HEAD_FILE}
+PRIOR_TUNED_FILE = "prior_tuned.pt"
+DECODER_FILES = {"temporal": VAE_FILE, "generative": DENSIFY_HEAD_FILE, "prior-tuned": PRIOR_TUNED_FILE}
 """Decoder name -> the file beside the run that holds it."""
 
 

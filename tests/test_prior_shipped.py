@@ -10,8 +10,12 @@ import torch
 from gvae_ns.prior import shipped
 from gvae_ns.prior.shipped import MANIFEST_KEYS, PriorUnavailable, load_shipped, read_manifest, write_shipped
 from gvae_ns.refine import decoder as decoder_module
-from gvae_ns.refine.decoder import DECODERS, PriorDecoder, decoder_for_run
+from gvae_ns.refine.decoder import DECODERS, PriorDecoder, TunedPriorDecoder, decoder_for_run
+from gvae_ns.run_layout import DECODER_FILES
+from gvae_ns.tagged_file import Provenance
 from gvae_ns.vae.model import GaussianVAE, GaussianVAEConfig, StreamConfig
+from gvae_ns.vae.train import VAETrainConfig, train_vae
+from test_vae import make_transitions
 
 STREAM = dict(width=16, encoder_layers=1, decoder_layers=1, heads=2, latent_dim=4, flow_layers=2, flow_hidden=8,
               child_embed=4)
@@ -88,3 +92,44 @@ def test_the_package_ships_a_prior_within_the_size_cap():
     assert manifest["scene_seeds"] and manifest["transitions"] > 0
     net = load_shipped()
     assert sum(p.numel() for p in net.parameters()) * 4 <= shipped.MAX_BYTES
+
+
+def test_training_can_start_from_a_prior_and_leaves_it_unchanged():
+    from_prior = tiny_vae(4)
+    from_prior.history_window.fill_(3)
+    from_prior.geometry.token_norm.std.fill_(2.5)  # statistics no scene fit would give
+    before = {k: v.clone() for k, v in from_prior.state_dict().items()}
+    tuned, log = train_vae(make_transitions(n=32, stages=3, seed=5), VAETrainConfig(steps=4, batch_size=16),
+                           start_from=from_prior)
+    assert all(torch.equal(before[k], v) for k, v in from_prior.state_dict().items())  # the prior is untouched
+    assert tuned.window == 3 and log["history_window"] == 3
+    assert torch.equal(tuned.geometry.token_norm.std, before["geometry.token_norm.std"])  # kept, not refitted
+    assert tuned.config == from_prior.config
+    moved = [k for k, v in tuned.state_dict().items() if not torch.equal(v, before[k])]
+    assert moved and all("token_norm" not in k and "target_norm" not in k for k in moved)  # statistics kept
+    fresh, _ = train_vae(make_transitions(n=32, stages=3, seed=5), VAETrainConfig(model=from_prior.config, steps=4,
+                                                                                   batch_size=16))
+    assert not torch.equal(fresh.geometry.token_norm.std, tuned.geometry.token_norm.std)
+
+
+def test_tuned_prior_decoder_is_fitted_from_the_shipped_weights_and_kept_beside_the_run(tmp_path, monkeypatch):
+    prior = tiny_vae(6)
+    write_shipped(prior, tmp_path / "weights", FACTS)
+    monkeypatch.setattr(decoder_module, "load_shipped", lambda device: load_shipped(device, tmp_path / "weights"))
+    seen = {}
+
+    def fake_transitions(lineage, max_children):
+        seen["max_children"] = max_children
+        return make_transitions(n=24, stages=3, seed=7)
+
+    monkeypatch.setattr(decoder_module, "build_transitions", fake_transitions)
+    assert TunedPriorDecoder.per_run and DECODER_FILES["prior-tuned"] == "prior_tuned.pt"
+    path = tmp_path / "prior_tuned.pt"
+    provenance = Provenance(step=7, num_gaussians=24, gaussians_sha256="a" * 64, config_sha256="b" * 64)
+    decoder = decoder_for_run("prior-tuned", path, lineage=object(), provenance=provenance, steps=3, device="cpu")
+    assert seen["max_children"] == prior.config.max_children
+    assert path.is_file()
+    assert torch.equal(decoder.net.appearance.target_norm.mean, prior.appearance.target_norm.mean)
+    again = decoder_for_run("prior-tuned", path, lineage=object(), provenance=provenance, steps=3, device="cpu")
+    for key, value in decoder.net.state_dict().items():
+        assert torch.equal(again.net.state_dict()[key], value)

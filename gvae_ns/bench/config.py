@@ -104,11 +104,11 @@ class BenchConfig:
     """Extrapolation stages past the finest trained stage to evaluate (each of 1..4 gives a row per selection)."""
     refine_selects: Tuple[Literal["all", "hessian", "grad"], ...] = ("all", "hessian")
     """Selections to evaluate: 'all' is "Ours", 'hessian' is "Ours-nabla2"."""
-    refine_decoders: Tuple[Literal["temporal", "generative", "prior", "split", "none"], ...] = ("temporal",)
+    refine_decoders: Tuple[Literal["temporal", "generative", "prior", "prior-tuned", "split", "none"], ...] = ("temporal",)
     """Refinement decoders to evaluate, each with every selection and step count: 'temporal' is the lineage VAE
     (<run>/vae.pt), 'generative' the serialized-attention densification head (<run>/densify_head.pt), rows
     "Ours (GD head) +k"; 'prior' the cross-scene prior shipped in the package (zero-shot), rows "Ours (shipped
-    prior) +k"; 'split' the no-learning control, 3DGS's split of the same selection, rows
+    prior) +k"; 'prior-tuned' that prior fine-tuned on the run's lineage (<run>/prior_tuned.pt); 'split' the no-learning control, 3DGS's split of the same selection, rows
     "control: 3DGS split of ... +k"; 'none' the fine-tune-only control (no proposals), rows "control: fine-tune
     only at +k" (one per k, whatever the selections)."""
     refine_fraction: float = 0.1
@@ -305,11 +305,11 @@ def check_config(cfg: BenchConfig) -> None:
         raise BenchError(f"refine_decoders must not repeat a decoder, got {cfg.refine_decoders}.")
     if not 0 < cfg.refine_fraction <= 1:
         raise BenchError(f"refine_fraction must be in (0, 1], got {cfg.refine_fraction}.")
-    if "prior" in cfg.refine_decoders:
+    if {"prior", "prior-tuned"} & set(cfg.refine_decoders):
         try:
             read_manifest()
         except PriorUnavailable as err:
-            raise BenchError(f"refine_decoders has 'prior', but {err}") from None
+            raise BenchError(f"refine_decoders has a shipped-prior row, but {err}") from None
     if cfg.capture.holdout_every < 2:
         raise BenchError(f"capture.holdout_every must be >= 2 (every N-th frame is held out), got "
                          f"{cfg.capture.holdout_every}.")

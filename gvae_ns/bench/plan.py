@@ -23,7 +23,8 @@ from gvae_ns.synthetic import write_scene
 
 _SELECT_LABEL = {"all": "Ours", "hessian": "Ours-nabla2", "grad": "Ours-grad"}
 _DECODER_TAG = {"temporal": ("", ""), "generative": ("-gd", " (GD head)"),
-                "prior": ("-prior", " (shipped prior)"), "split": ("-split", " (3DGS split, no learning)"),
+                "prior": ("-prior", " (shipped prior)"), "prior-tuned": ("-priorft", " (shipped prior, fine-tuned)"),
+                "split": ("-split", " (3DGS split, no learning)"),
                 "none": ("-ft", " (fine-tune only)")}
 """Row id suffix and label tag of each refinement decoder (temporal rows keep the ids they had before)."""
 _SPLIT_SELECTION = {"all": "the whole scene", "hessian": "the Hessian selection", "grad": "the gradient selection"}

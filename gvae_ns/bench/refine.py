@@ -39,7 +39,7 @@ def _refine_fingerprint(cfg: BenchConfig, row: RowSpec, run_record: dict) -> str
             "method": REFINE_METHOD}
     if row.refine_decoder not in (None, "temporal"):  # temporal refinements made before the field stay valid
         spec["decoder"] = row.refine_decoder
-    if row.refine_decoder == "prior":  # another shipped prior makes the row again
+    if row.refine_decoder in ("prior", "prior-tuned"):  # another shipped prior makes the row again
         spec["prior_sha256"] = read_manifest()["sha256"]
     return fingerprint(spec)
 
@@ -89,6 +89,8 @@ def refine_row(cfg: BenchConfig, row: RowSpec, run_record: dict) -> dict:
     vae_file = RunLayout.of_config(config_path).decoder(refine_cfg.decoder) if learned else None
     vae_marker = config_path.parent / f".bench-{vae_file.stem if vae_file else refine_cfg.decoder}.json"
     vae_spec = {"refine_args": shlex.split(cfg.refine_args)}
+    if refine_cfg.decoder == "prior-tuned":  # fine-tuned from another shipped prior: fine-tune it again
+        vae_spec["prior_sha256"] = read_manifest()["sha256"]
     if vae_file is not None and vae_file.is_file() and read_json(vae_marker) != vae_spec:
         vae_file.unlink()  # made with other VAE settings (refine_args): train it again
     vae_before = vae_file is None or vae_file.is_file()

@@ -136,7 +136,8 @@ def format_table(results: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-_LEARNED = {"temporal": "lineage VAE", "generative": "densification head", "prior": "shipped prior"}
+_LEARNED = {"temporal": "lineage VAE", "generative": "densification head", "prior": "shipped prior",
+            "prior-tuned": "shipped prior, fine-tuned"}
 
 
 def learned_part_lines(rows: List[dict]) -> List[str]:

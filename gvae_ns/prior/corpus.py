@@ -14,6 +14,7 @@ or a shard that is complete (its marker holds the settings it was made with) is 
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -140,7 +141,7 @@ def _shard_spec(cfg: CorpusConfig, seed: int) -> Dict[str, object]:
     spec = asdict(cfg)
     spec.pop("jobs")
     spec.pop("scene_seeds")
-    return {**spec, "seed": seed}
+    return json.loads(json.dumps({**spec, "seed": seed}))  # as read back from its file (tuples become lists)
 
 
 def _train_all(cfg: CorpusConfig, out: Path, seeds: Sequence[int], log: Callable[[str], None]) -> None:

@@ -50,10 +50,11 @@ class RefineConfig:
     """Fraction of Gaussians selected by 'hessian' / 'grad'."""
     output: Optional[Path] = None
     """Where to write the refinement (default: <run>/refinement.pt, which ns-viewer and ns-export load)."""
-    decoder: Literal["temporal", "generative", "prior", "split", "none"] = "temporal"
+    decoder: Literal["temporal", "generative", "prior", "prior-tuned", "split", "none"] = "temporal"
     """temporal: the lineage VAE's child slots; generative: the serialized-attention densification head
     (Generative Densification); prior: the lineage VAE shipped in the package, trained across procedural scenes
-    (gvae-pretrain), used as it is; split: the no-learning control, 3DGS's split of the same selection; none: the
+    (gvae-pretrain), used as it is; prior-tuned: that prior fine-tuned on the run's lineage for --decoder-steps
+    steps; split: the no-learning control, 3DGS's split of the same selection; none: the
     fine-tune-only control (no proposals)"""
     temperature: float = 0.0
     """Latent noise of the VAE's draws (0: its deterministic prediction, the prior's mean)."""

@@ -3,7 +3,7 @@
 A :class:`Decoder` turns the selected Gaussians (their packed states and ancestor histories) into a
 :class:`Proposal`: for each selected Gaussian, the family of Gaussians that would replace it ``k`` stages
 finer (possibly none). What is done with a family (it replaces its parent only when it has two members or
-more, with the parent's opacity conserved) is the Refiner's rule, the same for every decoder. Five
+more, with the parent's opacity conserved) is the Refiner's rule, the same for every decoder. Six
 implementations, picked by name from :data:`DECODERS`:
 
 * ``temporal``, :class:`LineageVAEDecoder`: the lineage VAE (:mod:`gvae_ns.vae`), which reads each
@@ -12,7 +12,8 @@ implementations, picked by name from :data:`DECODERS`:
 * ``generative``, :class:`DensifyHeadDecoder`: the generative-densification head (:mod:`gvae_ns.densify`),
   which sees only the current Gaussians and their neighbours and proposes finer ones in one pass per stage;
 * ``prior``, :class:`PriorDecoder`: the lineage VAE shipped in the package, trained across procedural scenes
-  by ``gvae-pretrain`` (:mod:`gvae_ns.prior`), used zero-shot;
+  by ``gvae-pretrain`` (:mod:`gvae_ns.prior`), used zero-shot; ``prior-tuned``, :class:`TunedPriorDecoder`: the
+  same, fine-tuned on the run's lineage;
 * ``split``, :class:`SplitDecoder`: the no-learning control, 3DGS's split (two children drawn from the
   parent's own Gaussian, scales divided by 1.6), ``k`` times;
 * ``none``, :class:`NoProposalDecoder`: the fine-tune-only control, which proposes nothing.
@@ -154,6 +155,24 @@ class PriorDecoder(LineageVAEDecoder):
         return path
 
 
+class TunedPriorDecoder(LineageVAEDecoder):
+    """The shipped prior fine-tuned on the run's own lineage for ``steps`` steps (its weights, statistics and
+    history window as the start), kept beside the run like the lineage VAE."""
+
+    name: ClassVar[str] = "prior-tuned"
+    label: ClassVar[str] = "shipped prior, fine-tuned on the run"
+    per_run: ClassVar[bool] = True
+
+    @classmethod
+    def fit(cls, lineage: Lineage, steps: int, device: Device, seed: int, writer_step: int = 0) -> "TunedPriorDecoder":
+        prior = load_shipped(device)
+        config = VAETrainConfig(steps=steps)
+        transitions = build_transitions(lineage, max_children=prior.config.max_children)
+        with phase("Prior fine-tune", config.steps, writer_step) as advance:
+            net, _ = train_vae(transitions, config, device=device, seed=seed, progress=advance, start_from=prior)
+        return cls(net)
+
+
 class DensifyHeadDecoder:
     """The generative-densification head as a :class:`Decoder` (it reads no history)."""
 
@@ -260,6 +279,7 @@ def split_gaussians(parents: Tensor, generator: torch.Generator, scale_divisor: 
 
 DECODERS: Dict[str, Type[Decoder]] = {LineageVAEDecoder.name: LineageVAEDecoder,
                                       DensifyHeadDecoder.name: DensifyHeadDecoder, PriorDecoder.name: PriorDecoder,
+                                      TunedPriorDecoder.name: TunedPriorDecoder,
                                       SplitDecoder.name: SplitDecoder, NoProposalDecoder.name: NoProposalDecoder}
 """Decoder name -> implementation; the learned ones are kept in the files of
 :data:`gvae_ns.run_layout.DECODER_FILES`."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -306,8 +306,13 @@ def train_vae(
     device: Union[str, torch.device] = "cpu",
     seed: int = 0,
     progress: Optional[Progress] = None,
+    start_from: Optional[GaussianVAE] = None,
 ) -> Tuple[GaussianVAE, Dict[str, Any]]:
     """Fit a GaussianVAE to ``transitions``; returns ``(model in eval mode, history)``.
+
+    ``start_from``: go on training a copy of this model (its architecture, weights, normalisation statistics
+    and history window; ``config.model`` is then not used), e.g. the shipped prior fine-tuned on one scene; it is
+    left unchanged. Default: a fresh model whose statistics are fitted on ``transitions``.
 
     ``history`` holds per-logged-step lists (``step``, ``phase``, ``beta`` and the loss terms of
     :func:`~gvae_ns.vae.losses.vae_loss`: ``total``, ``recon``, ``recon_prior`` (when used), ``kl``,
@@ -325,8 +330,14 @@ def train_vae(
             "raise GaussianVAEConfig.max_children to keep them",
             stacklevel=2,
         )
-    window = needed_window(clean, config.model.max_history)
+    if start_from is None:
+        window = needed_window(clean, config.model.max_history)
+    else:
+        window = start_from.window
+        config = replace(config, model=start_from.config)
     vae, data = prepare_training([clean], config, window, seed, device)
+    if start_from is not None:  # its weights and statistics replace the fresh ones (the encoding does not use them)
+        vae.load_state_dict(start_from.state_dict())
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     coarse_steps = int(round(config.coarse_fraction * config.steps)) if data.multi_stage else 0
     sampler = BatchSampler(data.coarse, coarse_steps, config.batch_size, seed)
