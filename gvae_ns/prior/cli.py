@@ -9,6 +9,7 @@ all of them in ``--world-size`` processes (``torch.distributed``: gloo on CPU, N
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shlex
@@ -19,12 +20,14 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import tyro
 
 from gvae_ns.console import say
-from gvae_ns.prior.corpus import CorpusConfig, build_corpus
+from gvae_ns.prior.corpus import CorpusConfig, build_corpus, shard_path
 from gvae_ns.prior.shipped import SHIPPED_DIR, write_shipped
-from gvae_ns.prior.train import PriorTrainConfig, load_shard, run_distributed, train_prior
+from gvae_ns.prior.train import (PriorTrainConfig, default_backend, load_shard, process_group, run_distributed,
+                                 train_prior)
 from gvae_ns.progress import phase
 from gvae_ns.vae.file import load_vae
 
@@ -40,7 +43,8 @@ class PretrainConfig:
     train: PriorTrainConfig = field(default_factory=PriorTrainConfig)
     """How the prior VAE is trained on their transitions."""
     world_size: int = 2
-    """Training processes (torch.distributed; one per GPU on a GPU machine)."""
+    """Training processes started here (torch.distributed; one per GPU on a GPU machine). Under torchrun
+    (WORLD_SIZE set) each process it starts is one rank instead, and this is not used."""
     ship: bool = False
     """Write the weights and their manifest into the package (gvae_ns/prior/weights/), replacing the shipped prior."""
     ship_dir: Optional[Path] = None
@@ -55,17 +59,30 @@ def pretrain(config: PretrainConfig, argv: Optional[list] = None) -> Path:
         raise ValueError("--corpus.scene-seeds is empty: give at least one scene seed.")
     started = time.perf_counter()
     out = config.out.resolve()
-    shards = build_corpus(config.corpus, out, log=say)
-    transitions = sum(len(load_shard(p)) for p in shards)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    say(f"gvae-pretrain: training the prior on {transitions} transitions from {len(shards)} scenes "
-        f"({config.world_size} {backend} process(es))")
-    run_distributed(_train_worker, config.world_size, backend, args=(shards, config.train, out / "train"))
+    backend = default_backend()
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # by torchrun: this process is one rank of the group
+    with process_group(backend) if launched else contextlib.nullcontext():
+        rank, world_size = (dist.get_rank(), dist.get_world_size()) if launched else (0, config.world_size)
+        if rank == 0:  # the scenes are made once (on a file system every machine shares)
+            build_corpus(config.corpus, out, log=say)
+        if launched:
+            dist.barrier()
+        shards = [shard_path(out, seed) for seed in config.corpus.scene_seeds]
+        transitions = sum(len(load_shard(p)) for p in shards)
+        if rank == 0:
+            say(f"gvae-pretrain: training the prior on {transitions} transitions from {len(shards)} scenes "
+                f"({world_size} {backend} process(es))")
+        if launched:
+            _train_worker(shards, config.train, out / "train")
+        else:
+            run_distributed(_train_worker, world_size, backend, args=(shards, config.train, out / "train"))
     prior = out / "train" / "prior.pt"
+    if rank != 0:
+        return prior
     say(f"gvae-pretrain: prior -> {prior}")
     if config.ship:
         facts = {"command": shlex.join(["gvae-pretrain", *(argv or [])]), "scene_seeds": list(config.corpus.scene_seeds),
-                 "transitions": transitions, "steps": config.train.steps, "world_size": config.world_size,
+                 "transitions": transitions, "steps": config.train.steps, "world_size": world_size,
                  "backend": backend, "wall_s": round(time.perf_counter() - started, 1),
                  "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {torch.get_num_threads()} "
                  f"threads{', CUDA' if torch.cuda.is_available() else ', CPU only'}"}
@@ -91,3 +108,7 @@ def main() -> None:
         pretrain(config, sys.argv[1:])
     except (ValueError, RuntimeError, OSError) as err:
         raise SystemExit(f"gvae-pretrain: {err}") from None
+
+
+if __name__ == "__main__":
+    main()
