@@ -110,7 +110,7 @@ def test_suite_files_and_command_line(tmp_path):
     assert "--pipeline.model.num-random" in cfg.train_args.split()
     gpu = config.load_suite(ROOT / "configs" / "bench-lego-gpu.yaml")
     assert gpu.factors == (2, 4) and gpu.baseline_impl == "splatfacto" and gpu.data is not None
-    assert cfg.refine_decoders == gpu.refine_decoders == ("temporal", "generative", "split", "none")
+    assert cfg.refine_decoders == gpu.refine_decoders == ("temporal", "generative", "prior", "prior-tuned", "split", "none")
     _, rows = plan.plan(cfg, tmp_path / "scene", {2: tmp_path / "x2"})
     labels = [r.label for r in rows]
     assert "control: 3DGS split of the whole scene +1" in labels and "control: 3DGS split of the Hessian selection +2" in labels

@@ -312,3 +312,21 @@ def test_controls_refine_with_the_fine_tune_and_the_held_out_check(capsys, run, 
     else:
         assert record.num_added == 2 * record.removed.numel() > 0
     assert (copy / REFINEMENT_FILE).is_file()
+
+
+@pytest.mark.parametrize("decoder", ["prior", "prior-tuned"])
+def test_shipped_prior_refines_a_run_through_gvae_refine(capsys, run, tmp_path, decoder):
+    """The shipped prior (zero-shot: nothing written beside the run) and its fine-tuned copy (prior_tuned.pt)."""
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    copy = copy_run(run, tmp_path)
+    for name in ("vae.pt", "densify_head.pt", "prior_tuned.pt"):
+        (copy / name).unlink(missing_ok=True)
+    code, out, err = cli(capsys, "--load-config", copy / "config.yml", "--decoder", decoder, "--decoder-steps", "5",
+                         "--finetune-steps", "0")
+    assert code == 0, err
+    assert not (copy / "vae.pt").exists()
+    assert (copy / "prior_tuned.pt").is_file() == (decoder == "prior-tuned")
+    _, pipeline, _, _ = eval_setup(copy / "config.yml", test_mode="inference")
+    record = pipeline.model.refinement_record
+    assert record is not None and record.decoder == decoder

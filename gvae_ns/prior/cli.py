@@ -24,12 +24,17 @@ import torch.distributed as dist
 import tyro
 
 from gvae_ns.console import say
+from gvae_ns.datasets import read_json, write_json
 from gvae_ns.prior.corpus import CorpusConfig, build_corpus, shard_path
 from gvae_ns.prior.shipped import SHIPPED_DIR, write_shipped
 from gvae_ns.prior.train import (PriorTrainConfig, default_backend, load_shard, process_group, run_distributed,
                                  train_prior)
 from gvae_ns.progress import phase
 from gvae_ns.vae.file import load_vae
+
+
+WALL_FILE = "wall.json"
+"""In ``--out``: the wall time of every finished gvae-pretrain run there, summed (what the manifest reports)."""
 
 
 @dataclass
@@ -79,13 +84,17 @@ def pretrain(config: PretrainConfig, argv: Optional[list] = None) -> Path:
     prior = out / "train" / "prior.pt"
     if rank != 0:
         return prior
-    say(f"gvae-pretrain: prior -> {prior}")
+    spent = read_json(out / WALL_FILE) or {}
+    wall_s = float(spent.get("wall_s", 0.0)) + time.perf_counter() - started
+    write_json(out / WALL_FILE, {"wall_s": wall_s})
+    say(f"gvae-pretrain: prior -> {prior} ({wall_s / 60:.1f} min in all, this run and the ones it resumed)")
     if config.ship:
         facts = {"command": shlex.join(["gvae-pretrain", *(argv or [])]), "scene_seeds": list(config.corpus.scene_seeds),
                  "transitions": transitions, "steps": config.train.steps, "world_size": world_size,
-                 "backend": backend, "wall_s": round(time.perf_counter() - started, 1),
-                 "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {torch.get_num_threads()} "
-                 f"threads{', CUDA' if torch.cuda.is_available() else ', CPU only'}"}
+                 "backend": backend, "wall_s": round(wall_s, 1),
+                 "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                 + (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available()
+                    else "CPU only")}
         manifest = write_shipped(load_vae(prior), config.ship_dir or SHIPPED_DIR, facts)
         say(f"gvae-pretrain: shipped {manifest['bytes']} bytes (sha256 {manifest['sha256'][:12]}...) -> "
             f"{config.ship_dir or SHIPPED_DIR}")
