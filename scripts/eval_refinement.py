@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/eval_refinement.py outputs/synthetic/gaussianvae/<timestamp>/config.yml --stages 1 2
 
-Reuses the run's vae.pt when it was trained on this checkpoint (trains one if missing); each row is what
+Reuses the run's decoder file (vae.pt for the default --decoder temporal) when it was trained on this checkpoint
+(trains one if missing; --decoder prior uses the package's shipped prior); each row is what
 gvae-refine makes (proposals, then the sub-pixel fine-tune kept only if the held-out loss does not rise; the
 fine-tune-only control is a row too); renders with the model's own code, like gvae-bench.
 """
@@ -28,6 +29,8 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=RefineConfig.temperature,
                         help="latent noise of the VAE's draws (0: the prior's mean; 1: the draws before 2026-12-02)")
     parser.add_argument("--finetune-densify", action="store_true", help="densify during the fine-tune")
+    parser.add_argument("--decoder", default=RefineConfig.decoder,
+                        help="decoder of the refined rows (gvae-refine --decoder; e.g. prior, the shipped prior)")
     args = parser.parse_args()
     pipeline = load_pipeline(args.config)
     model = pipeline.model
@@ -43,7 +46,7 @@ def main() -> None:
     dm = pipeline.datamanager
     views = model.scoring_views(dm.train_dataset.cameras, [d["image"] for d in dm.cached_train])
     config = RefineConfig(load_config=args.config, finetune_steps=args.finetune_steps, temperature=args.temperature,
-                          finetune_densify=args.finetune_densify)
+                          finetune_densify=args.finetune_densify, decoder=args.decoder)
     # the held-out check uses the run's val split, as gvae-refine does; this pipeline holds the scored test split
     val_dm = load_val_pipeline(config)[0].datamanager
     held_out = model.scoring_views(val_dm.eval_dataset.cameras, [d["image"] for d in val_dm.cached_eval])
@@ -65,7 +68,7 @@ def main() -> None:
     for select in args.selects:
         for k in args.stages:
             model.show_refinement(refined(refiner, k, select))
-            report(f"{select} +{k}")
+            report(f"{select} +{k} ({args.decoder})")
 
 
 if __name__ == "__main__":

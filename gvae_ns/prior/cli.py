@@ -45,8 +45,9 @@ class PretrainConfig:
     """Working folder: scenes, runs, shards, the training checkpoint and the trained prior (reused to resume)."""
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     """The procedural scenes and how each is trained."""
-    train: PriorTrainConfig = field(default_factory=PriorTrainConfig)
-    """How the prior VAE is trained on their transitions."""
+    train: PriorTrainConfig = field(default_factory=lambda: PriorTrainConfig(steps=4000))
+    """How the prior VAE is trained on their transitions (4000 steps by default, what the shipped prior got on a
+    2-core CPU; more where there is more compute)."""
     world_size: int = 2
     """Training processes started here (torch.distributed; one per GPU on a GPU machine). Under torchrun
     (WORLD_SIZE set) each process it starts is one rank instead, and this is not used."""

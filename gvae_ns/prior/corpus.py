@@ -39,7 +39,7 @@ from gvae_ns.vae.config import GaussianVAEConfig
 class CorpusConfig:
     """What the prior is trained on (the defaults fit a 2-core CPU: about 2-3 min of training per scene)."""
 
-    scene_seeds: Tuple[int, ...] = tuple(range(1, 9))
+    scene_seeds: Tuple[int, ...] = tuple(range(1, 11))
     """Seeds of the procedural scenes (``gvae-synthetic --scene-seed``)."""
     resolution: int = 128
     """Each scene's image size in pixels: the finest stage trains at it."""
