@@ -70,11 +70,21 @@ def test_pretrain_resumes_without_training_again(pretrained):
     assert {s: shard_path(config.out.resolve(), s).stat().st_mtime_ns for s in (1, 2)} == shard_stamp
 
 
-def test_pretrain_refuses_bad_settings_before_any_work(tmp_path):
+@pytest.mark.parametrize("corpus, words", [
+    (dict(scene_seeds=()), "scene-seeds is empty"),
+    (dict(scene_seeds=(1, -2)), "scene-seeds must be distinct and >= 0"),
+    (dict(scene_seeds=(3, 3)), "scene-seeds must be distinct"),
+    (dict(stage_downscales=(4, 2)), "stage-downscales must be >= 1 and end at 1"),
+    (dict(stage_fractions=(0.5, 0.5)), "stage-fractions needs one positive share per stage"),
+    (dict(resolution=100), "resolution must be >= 8 and divisible"),
+    (dict(steps=3), "steps must give every stage a step"),
+    (dict(jobs=0), "--corpus.jobs must be at least 1"),
+])
+def test_pretrain_refuses_bad_settings_before_any_work(tmp_path, corpus, words):
+    with pytest.raises(ValueError, match=words):
+        pretrain(PretrainConfig(out=tmp_path / "w", corpus=CorpusConfig(**corpus)))
     with pytest.raises(ValueError, match="--world-size"):
         pretrain(PretrainConfig(out=tmp_path / "w", world_size=0))
-    with pytest.raises(ValueError, match="scene-seeds is empty"):
-        pretrain(PretrainConfig(out=tmp_path / "w", corpus=CorpusConfig(scene_seeds=())))
     assert not (tmp_path / "w").exists()
 
 

@@ -25,7 +25,7 @@ import tyro
 
 from gvae_ns.console import say
 from gvae_ns.datasets import read_json, write_json
-from gvae_ns.prior.corpus import CorpusConfig, build_corpus, shard_path
+from gvae_ns.prior.corpus import CorpusConfig, build_corpus, check_corpus, shard_path
 from gvae_ns.prior.shipped import SHIPPED_DIR, write_shipped
 from gvae_ns.prior.train import (PriorTrainConfig, default_backend, load_shard, process_group, run_distributed,
                                  train_prior)
@@ -61,8 +61,8 @@ def pretrain(config: PretrainConfig, argv: Optional[list] = None) -> Path:
     """Run the three steps of :mod:`gvae_ns.prior.cli`; returns the trained prior's file."""
     if config.world_size < 1:
         raise ValueError(f"--world-size must be at least 1, got {config.world_size}.")
-    if not config.corpus.scene_seeds:
-        raise ValueError("--corpus.scene-seeds is empty: give at least one scene seed.")
+    check_corpus(config.corpus)
+    config.train.check()
     started = time.perf_counter()
     out = config.out.resolve()
     backend = default_backend()

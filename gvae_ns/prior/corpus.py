@@ -64,6 +64,28 @@ class CorpusConfig:
     --corpus.train-args='--pipeline.model.num-random 2000'."""
 
 
+def check_corpus(cfg: CorpusConfig) -> None:
+    """``ValueError`` naming the flag for settings no scene can be made or trained with (before any work)."""
+    if not cfg.scene_seeds:
+        raise ValueError("--corpus.scene-seeds is empty: give at least one scene seed.")
+    if any(seed < 0 for seed in cfg.scene_seeds) or len(set(cfg.scene_seeds)) != len(cfg.scene_seeds):
+        raise ValueError(f"--corpus.scene-seeds must be distinct and >= 0, got {list(cfg.scene_seeds)}.")
+    if not cfg.stage_downscales or cfg.stage_downscales[-1] != 1 or any(d < 1 for d in cfg.stage_downscales):
+        raise ValueError(f"--corpus.stage-downscales must be >= 1 and end at 1 (the scene's own resolution), got "
+                         f"{list(cfg.stage_downscales)}.")
+    if len(cfg.stage_fractions) != len(cfg.stage_downscales) or any(f <= 0 for f in cfg.stage_fractions):
+        raise ValueError(f"--corpus.stage-fractions needs one positive share per stage ({len(cfg.stage_downscales)}), "
+                         f"got {list(cfg.stage_fractions)}.")
+    if cfg.resolution < 8 or any(cfg.resolution % d for d in cfg.stage_downscales):
+        raise ValueError(f"--corpus.resolution must be >= 8 and divisible by every stage downscale "
+                         f"{list(cfg.stage_downscales)}, got {cfg.resolution}.")
+    if cfg.steps < len(cfg.stage_downscales):
+        raise ValueError(f"--corpus.steps must give every stage a step, got {cfg.steps}.")
+    for name in ("n_train", "n_val", "jobs", "supersample"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--corpus.{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}.")
+
+
 def stage_steps(total: int, fractions: Sequence[float]) -> Tuple[int, ...]:
     """``total`` steps split over stages in proportion to ``fractions`` (each >= 1, the last takes the rest)."""
     steps = [max(1, int(round(total * f))) for f in fractions[:-1]]
@@ -122,6 +144,7 @@ def _shard(cfg: CorpusConfig, out: Path, seed: int) -> Path:
 def build_corpus(cfg: CorpusConfig, out: Path, log: Callable[[str], None]) -> List[Path]:
     """Render, train and shard every scene of ``cfg`` under ``out`` (resuming what is done); the shards, in
     seed order. A failed training stops with ``RuntimeError`` naming its log."""
+    check_corpus(cfg)
     out = Path(out).resolve()
     todo = [s for s in cfg.scene_seeds if read_json(shard_path(out, s).with_suffix(".json")) != _shard_spec(cfg, s)]
     if todo:
@@ -129,11 +152,13 @@ def build_corpus(cfg: CorpusConfig, out: Path, log: Callable[[str], None]) -> Li
         with ProcessPoolExecutor(max_workers=cfg.jobs) as pool:
             for seed in pool.map(_render, [(cfg, str(out), s) for s in todo]):
                 log(f"gvae-pretrain: scene {seed} rendered -> {_scene_dir(out, seed)}")
-        _train_all(cfg, out, todo, log)
-        for seed in todo:
+
+        def shard(seed: int) -> None:  # as soon as a scene is trained, so a stopped run loses no finished one
             path = _shard(cfg, out, seed)
             write_json(path.with_suffix(".json"), _shard_spec(cfg, seed))
             log(f"gvae-pretrain: scene {seed} -> {path}")
+
+        _train_all(cfg, out, todo, log, shard)
     return [shard_path(out, s) for s in cfg.scene_seeds]
 
 
@@ -144,7 +169,8 @@ def _shard_spec(cfg: CorpusConfig, seed: int) -> Dict[str, object]:
     return json.loads(json.dumps({**spec, "seed": seed}))  # as read back from its file (tuples become lists)
 
 
-def _train_all(cfg: CorpusConfig, out: Path, seeds: Sequence[int], log: Callable[[str], None]) -> None:
+def _train_all(cfg: CorpusConfig, out: Path, seeds: Sequence[int], log: Callable[[str], None],
+               done: Callable[[int], None]) -> None:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.jobs)))
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -169,9 +195,9 @@ def _train_all(cfg: CorpusConfig, out: Path, seeds: Sequence[int], log: Callable
                 handle.close()
                 running.remove(item)
                 if proc.returncode != 0 or not RunLayout(_run_dir(out, seed)).lineage.is_file():
-                    raise RuntimeError(f"gvae-pretrain: training scene {seed} failed (exit {proc.returncode}); "
-                                       f"see {log_path}")
+                    raise RuntimeError(f"training scene {seed} failed (exit {proc.returncode}); see {log_path}")
                 log(f"gvae-pretrain: scene {seed} trained in {time.monotonic() - started:.0f} s")
+                done(seed)
     finally:
         for _, proc, _, _, handle in running:
             proc.terminate()
