@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import tyro
+from torch.multiprocessing import ProcessRaisedException
 
 from gvae_ns.console import say
 from gvae_ns.datasets import read_json, write_json
@@ -116,6 +117,9 @@ def main() -> None:
     config = tyro.cli(PretrainConfig)
     try:
         pretrain(config, sys.argv[1:])
+    except ProcessRaisedException as err:  # a training process failed: its own error is the last line
+        lines = [line for line in str(err).strip().splitlines() if line.strip()]
+        raise SystemExit(f"gvae-pretrain: a training process failed: {lines[-1] if lines else err}") from None
     except (ValueError, RuntimeError, OSError) as err:
         raise SystemExit(f"gvae-pretrain: {err}") from None
 
