@@ -72,14 +72,15 @@ class GaussianVAEModelConfig(SplatfactoModelConfig):
     refinement_after_training: bool = True
     """Fit the decoder on the lineage and refine the scene as the last phase of ns-train."""
     extrapolate_stages: int = 1
-    """Extrapolation stages past the finest trained stage (1..4) in the refinement after training; each stage is
-    one resolution doubling past it (with the default stages, past the data's own resolution)."""
+    """Extrapolation stages past the finest trained stage (1..4) after training, one resolution doubling each."""
     extrapolate_select: Literal["hessian", "grad", "all"] = "hessian"
     """Which lineages to extrapolate: top Hessian / view-space-gradient score, gradient only, or all."""
     extrapolate_fraction: float = 0.1
     """Fraction of Gaussians the selection keeps (ignored for 'all')."""
+    decoder: Literal["temporal", "generative", "prior", "prior-tuned", "split", "none"] = "temporal"
+    """Decoder of the refinement after training, as gvae-refine --decoder (prior: the shipped cross-scene prior)."""
     decoder_steps: int = 1500
-    """Optimiser steps of the decoder (the lineage VAE) fitted on the lineage after training."""
+    """Optimiser steps of the decoder fitted on the lineage after training (lineage VAE, GD head, tuned prior)."""
     finetune_steps: int = 200
     """Steps of the sub-pixel fine-tune of the refinement after training (0: none); it is kept only if it does not
     raise the loss on the held-out views (see gvae_ns/refine/finetune.py)."""

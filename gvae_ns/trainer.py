@@ -32,6 +32,7 @@ from nerfstudio.utils.rich_utils import CONSOLE
 from gvae_ns.atomic import torch_save_atomic
 from gvae_ns.data_checks import DataCheckError, check_dataset
 from gvae_ns.offline import to_weights_only_safe
+from gvae_ns.prior.shipped import PriorUnavailable, read_manifest
 from gvae_ns.refine.cli import RefineConfig, refine_pipeline
 from gvae_ns.run_layout import CONFIG_FILE, RunLayout
 from gvae_ns.stages import DEFAULT_STAGE_STEPS, StageSchedule, StageScheduleError
@@ -132,6 +133,11 @@ def check_refine_options(model, schedule: StageSchedule, expected_gaussians: int
     if int(model.decoder_steps) < 1:
         raise RunConfigError(f"--pipeline.model.decoder-steps is {model.decoder_steps}: the decoder needs at "
                              f"least one optimiser step{fix_off}.")
+    if model.decoder in ("prior", "prior-tuned"):
+        try:
+            read_manifest()
+        except PriorUnavailable as err:
+            raise RunConfigError(f"--pipeline.model.decoder {model.decoder}: {err}{fix_off}") from None
     if schedule.num_stages < 2:
         raise RunConfigError(
             f"--pipeline.model.stage-downscales {' '.join(map(str, schedule.downscales))} is one stage, but "
@@ -278,6 +284,7 @@ class GaussianVAETrainer(Trainer):
             stages=model.config.extrapolate_stages,
             select=model.config.extrapolate_select,
             fraction=model.config.extrapolate_fraction,
+            decoder=model.config.decoder,
             decoder_steps=model.config.decoder_steps,
             finetune_steps=model.config.finetune_steps,
             retrain_decoder=True,

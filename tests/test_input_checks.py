@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from gvae_ns.data_checks import DataCheckError, check_dataset
@@ -276,3 +277,30 @@ def test_old_refinement_flag_names_still_work_and_say_the_new_ones(capsys):
     out = capsys.readouterr().out
     assert "--pipeline.model.refine-steps is deprecated, use --pipeline.model.extrapolate-stages" in " ".join(out.split())
     assert "run-dir" not in " ".join(tyro.extras.get_parser(GaussianVAEModelConfig).format_help().split())
+
+
+def test_prior_decoder_is_refused_before_training_when_no_prior_is_installed(monkeypatch):
+    from gvae_ns import trainer
+
+    check_refine_options(GaussianVAEModelConfig(decoder="prior"), SCHEDULE, expected_gaussians=50_000)  # shipped
+
+    def missing():
+        raise trainer.PriorUnavailable("/x/manifest.json: no cross-scene prior is installed here")
+
+    monkeypatch.setattr(trainer, "read_manifest", missing)
+    for decoder in ("prior", "prior-tuned"):
+        with pytest.raises(RunConfigError, match=f"--pipeline.model.decoder {decoder}: /x/manifest.json: no cross"):
+            check_refine_options(GaussianVAEModelConfig(decoder=decoder), SCHEDULE, expected_gaussians=50_000)
+    check_refine_options(GaussianVAEModelConfig(decoder="temporal"), SCHEDULE, expected_gaussians=50_000)
+
+
+def test_ns_train_refines_with_the_shipped_prior_when_asked(blender, tmp_path):
+    """--pipeline.model.decoder prior: the refinement after training uses the shipped prior, fits nothing."""
+    proc = _ns_train(tmp_path / "out", "--pipeline.model.decoder", "prior", "--pipeline.model.finetune-steps", "0",
+                     "--pipeline.model.num-random", "300", "--pipeline.model.extrapolate-fraction", "0.5",
+                     "blender-data", "--data", str(blender))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = next((tmp_path / "out").rglob("config.yml")).parent
+    assert (run / "refinement.pt").is_file() and not (run / "vae.pt").exists()
+    record = torch.load(run / "refinement.pt", weights_only=True)
+    assert record["decoder"] == "prior"
