@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
-
-import torch
+from typing import Any, Dict, List, Optional, Sequence
 
 from gvae_ns.bench.config import BenchConfig, RunSpec, fingerprint
 from gvae_ns.datasets import read_json, write_json
+from gvae_ns.jobs import LoggedCommand, run_logged
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -116,42 +113,25 @@ def train_all(cfg: BenchConfig, runs: Sequence[RunSpec], budget: Budget, log=pri
             records[spec.name] = done
         else:
             pending.append(spec)
-    env = dict(os.environ)
-    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.jobs))
     logs = cfg.output.resolve() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    running: List[Tuple[RunSpec, subprocess.Popen, float, Path, Any]] = []
-    try:
-        while pending or running:
-            while pending and len(running) < cfg.jobs and budget.allows(cfg.train_estimate_s):
-                spec = pending.pop(0)
-                shutil.rmtree(cfg.output.resolve() / "runs" / spec.name, ignore_errors=True)
-                (cfg.output.resolve() / "runs" / spec.name).mkdir(parents=True)
-                log_path = logs / f"train-{spec.name}.log"
-                handle = open(log_path, "w", encoding="utf-8")
-                log(f"[train] {spec.name}: {spec.method} on {spec.data.name} for {spec.steps} steps (log: {log_path})")
-                proc = subprocess.Popen(train_command(cfg, spec), stdout=handle, stderr=subprocess.STDOUT, env=env,
-                                        cwd=str(cfg.output.resolve()))
-                running.append((spec, proc, time.monotonic(), log_path, handle))
-            if not running:
-                break  # the budget stopped the rest
-            time.sleep(0.5)
-            for item in list(running):
-                spec, proc, started, log_path, handle = item
-                if proc.poll() is None:
-                    continue
-                handle.close()
-                running.remove(item)
-                record = _finish_training(cfg, spec, proc.returncode, time.monotonic() - started, log_path)
-                records[spec.name] = record
-                status = f"{record['train_s']:.1f} s" if record["status"] == "ok" else "FAILED"
-                log(f"[train] {spec.name}: {status}")
-    finally:
-        for spec, proc, _, _, handle in running:
-            proc.terminate()
-            proc.wait()
-            handle.close()
+
+    def started(command: LoggedCommand) -> None:
+        spec = command.key
+        shutil.rmtree(cfg.output.resolve() / "runs" / spec.name, ignore_errors=True)
+        (cfg.output.resolve() / "runs" / spec.name).mkdir(parents=True)
+        log(f"[train] {spec.name}: {spec.method} on {spec.data.name} for {spec.steps} steps (log: {command.log})")
+
+    def finished(command: LoggedCommand, returncode: int, wall_s: float) -> None:
+        spec = command.key
+        record = _finish_training(cfg, spec, returncode, wall_s, command.log)
+        records[spec.name] = record
+        status = f"{record['train_s']:.1f} s" if record["status"] == "ok" else "FAILED"
+        log(f"[train] {spec.name}: {status}")
+
+    commands = [LoggedCommand(spec, train_command(cfg, spec), logs / f"train-{spec.name}.log") for spec in pending]
+    run_logged(commands, cfg.jobs, cfg.output.resolve(), finished, started,
+               allows=lambda: budget.allows(cfg.train_estimate_s))
     return records
 
 

@@ -26,10 +26,9 @@ from torch.multiprocessing import ProcessRaisedException
 
 from gvae_ns.console import say
 from gvae_ns.datasets import read_json, write_json
-from gvae_ns.prior.corpus import CorpusConfig, build_corpus, check_corpus, shard_path
+from gvae_ns.prior.corpus import CorpusConfig, build_corpus, check_corpus, shard_path, shard_sizes
 from gvae_ns.prior.shipped import SHIPPED_DIR, write_shipped
-from gvae_ns.prior.train import (PriorTrainConfig, default_backend, load_shard, process_group, run_distributed,
-                                 train_prior)
+from gvae_ns.prior.train import PriorTrainConfig, default_backend, process_group, run_distributed, train_prior
 from gvae_ns.progress import phase
 from gvae_ns.vae.file import load_vae
 
@@ -75,7 +74,7 @@ def pretrain(config: PretrainConfig, argv: Optional[list] = None) -> Path:
         if launched:
             dist.barrier()
         shards = [shard_path(out, seed) for seed in config.corpus.scene_seeds]
-        transitions = sum(len(load_shard(p)) for p in shards)
+        transitions = sum(shard_sizes(config.corpus, out))
         if rank == 0:
             say(f"gvae-pretrain: training the prior on {transitions} transitions from {len(shards)} scenes "
                 f"({world_size} {backend} process(es))")

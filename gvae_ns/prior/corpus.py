@@ -15,21 +15,19 @@ or a shard that is complete (its marker holds the settings it was made with) is 
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
-import subprocess
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence, Tuple
 
 from gvae_ns.datasets import read_json, write_json
+from gvae_ns.jobs import LoggedCommand, run_logged
 from gvae_ns.lineage.dataset import build_transitions
 from gvae_ns.lineage.format import load_lineage
-from gvae_ns.prior.train import save_shard
+from gvae_ns.prior.train import load_shard, save_shard
 from gvae_ns.run_layout import RunLayout
 from gvae_ns.synthetic import write_scene
 from gvae_ns.vae.config import GaussianVAEConfig
@@ -136,9 +134,31 @@ def _render(args: Tuple[CorpusConfig, str, int]) -> int:
 
 
 def _shard(cfg: CorpusConfig, out: Path, seed: int) -> Path:
+    """Scene ``seed``'s shard from its run's lineage, and its marker (the settings, and the transition count)."""
     lineage = load_lineage(RunLayout(_run_dir(out, seed)).lineage)
     transitions = build_transitions(lineage, max_children=GaussianVAEConfig().max_children)
-    return save_shard(shard_path(out, seed), transitions, scene=f"gvae-synthetic --scene-seed {seed}")
+    path = save_shard(shard_path(out, seed), transitions, scene=f"gvae-synthetic --scene-seed {seed}")
+    write_json(path.with_suffix(".json"), {**_shard_spec(cfg, seed), "transitions": len(transitions)})
+    return path
+
+
+def _marker_matches(cfg: CorpusConfig, out: Path, seed: int) -> bool:
+    marker = read_json(shard_path(out, seed).with_suffix(".json")) or {}
+    return {k: v for k, v in marker.items() if k != "transitions"} == _shard_spec(cfg, seed)
+
+
+def shard_sizes(cfg: CorpusConfig, out: Path) -> List[int]:
+    """Transitions in each shard of ``cfg`` under ``out``, from the markers :func:`build_corpus` wrote (a marker
+    from before they held the count gets it, from the shard itself)."""
+    sizes = []
+    for seed in cfg.scene_seeds:
+        path = shard_path(Path(out).resolve(), seed)
+        marker = read_json(path.with_suffix(".json")) or {}
+        if "transitions" not in marker:
+            marker["transitions"] = len(load_shard(path))
+            write_json(path.with_suffix(".json"), marker)
+        sizes.append(int(marker["transitions"]))
+    return sizes
 
 
 def build_corpus(cfg: CorpusConfig, out: Path, log: Callable[[str], None]) -> List[Path]:
@@ -146,7 +166,7 @@ def build_corpus(cfg: CorpusConfig, out: Path, log: Callable[[str], None]) -> Li
     seed order. A failed training stops with ``RuntimeError`` naming its log."""
     check_corpus(cfg)
     out = Path(out).resolve()
-    todo = [s for s in cfg.scene_seeds if read_json(shard_path(out, s).with_suffix(".json")) != _shard_spec(cfg, s)]
+    todo = [s for s in cfg.scene_seeds if not _marker_matches(cfg, out, s)]
     if todo:
         log(f"gvae-pretrain: rendering {len(todo)} scene(s) at {cfg.resolution} px ({cfg.jobs} at a time)")
         with ProcessPoolExecutor(max_workers=cfg.jobs) as pool:
@@ -154,9 +174,7 @@ def build_corpus(cfg: CorpusConfig, out: Path, log: Callable[[str], None]) -> Li
                 log(f"gvae-pretrain: scene {seed} rendered -> {_scene_dir(out, seed)}")
 
         def shard(seed: int) -> None:  # as soon as a scene is trained, so a stopped run loses no finished one
-            path = _shard(cfg, out, seed)
-            write_json(path.with_suffix(".json"), _shard_spec(cfg, seed))
-            log(f"gvae-pretrain: scene {seed} -> {path}")
+            log(f"gvae-pretrain: scene {seed} -> {_shard(cfg, out, seed)}")
 
         _train_all(cfg, out, todo, log, shard)
     return [shard_path(out, s) for s in cfg.scene_seeds]
@@ -171,35 +189,19 @@ def _shard_spec(cfg: CorpusConfig, seed: int) -> Dict[str, object]:
 
 def _train_all(cfg: CorpusConfig, out: Path, seeds: Sequence[int], log: Callable[[str], None],
                done: Callable[[int], None]) -> None:
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.jobs)))
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    pending = list(seeds)
-    running: List[Tuple[int, subprocess.Popen, float, Path, object]] = []
-    try:
-        while pending or running:
-            while pending and len(running) < cfg.jobs:
-                seed = pending.pop(0)
-                shutil.rmtree(out / "runs" / f"seed-{seed}", ignore_errors=True)
-                log_path = out / "logs" / f"train-seed-{seed}.log"
-                handle = open(log_path, "w", encoding="utf-8")
-                log(f"gvae-pretrain: training scene {seed} for {cfg.steps} steps (log: {log_path})")
-                proc = subprocess.Popen(train_command(cfg, out, seed), stdout=handle, stderr=subprocess.STDOUT,
-                                        env=env, cwd=str(out))
-                running.append((seed, proc, time.monotonic(), log_path, handle))
-            time.sleep(0.5)
-            for item in list(running):
-                seed, proc, started, log_path, handle = item
-                if proc.poll() is None:
-                    continue
-                handle.close()
-                running.remove(item)
-                if proc.returncode != 0 or not RunLayout(_run_dir(out, seed)).lineage.is_file():
-                    raise RuntimeError(f"training scene {seed} failed (exit {proc.returncode}); see {log_path}")
-                log(f"gvae-pretrain: scene {seed} trained in {time.monotonic() - started:.0f} s")
-                done(seed)
-    finally:
-        for _, proc, _, _, handle in running:
-            proc.terminate()
-            proc.wait()
-            handle.close()
+
+    def started(command: LoggedCommand) -> None:
+        shutil.rmtree(out / "runs" / f"seed-{command.key}", ignore_errors=True)
+        log(f"gvae-pretrain: training scene {command.key} for {cfg.steps} steps (log: {command.log})")
+
+    def finished(command: LoggedCommand, returncode: int, wall_s: float) -> None:
+        seed = command.key
+        if returncode != 0 or not RunLayout(_run_dir(out, seed)).lineage.is_file():
+            raise RuntimeError(f"training scene {seed} failed (exit {returncode}); see {command.log}")
+        log(f"gvae-pretrain: scene {seed} trained in {wall_s:.0f} s")
+        done(seed)
+
+    commands = [LoggedCommand(seed, train_command(cfg, out, seed), out / "logs" / f"train-seed-{seed}.log")
+                for seed in seeds]
+    run_logged(commands, cfg.jobs, out, finished, started)
