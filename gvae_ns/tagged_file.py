@@ -105,6 +105,10 @@ class Provenance:
     """sha256 over the lineage ids and the parameter tensors (:func:`digest_tensors`)."""
     config_sha256: str
     """sha256 of the config the Gaussians were trained with (:func:`digest_config`)."""
+    base_sha256: Optional[str] = None
+    """sha256 of the weights file the file's model was fine-tuned from (the shipped prior, for
+    ``prior_tuned.pt``); ``None`` for a file made from the run alone. Files written before the field read as
+    ``None``."""
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain (weights_only-safe) form."""
@@ -116,7 +120,7 @@ class Provenance:
         if not isinstance(data, dict):
             raise ValueError(f"provenance must be a dict, got {type(data).__name__}")
         step, count = data.get("step"), data.get("num_gaussians")
-        digest, config = data.get("gaussians_sha256"), data.get("config_sha256")
+        digest, config, base = data.get("gaussians_sha256"), data.get("config_sha256"), data.get("base_sha256")
         if step is not None and (not isinstance(step, int) or isinstance(step, bool)):
             raise ValueError(f"provenance 'step' must be an int or None, got {step!r}")
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
@@ -124,11 +128,13 @@ class Provenance:
         for name, value in (("gaussians_sha256", digest), ("config_sha256", config)):
             if not isinstance(value, str) or len(value) != 64:
                 raise ValueError(f"provenance '{name}' must be a sha256 hex digest, got {value!r}")
-        return cls(step=step, num_gaussians=count, gaussians_sha256=digest, config_sha256=config)
+        if base is not None and (not isinstance(base, str) or len(base) != 64):
+            raise ValueError(f"provenance 'base_sha256' must be a sha256 hex digest or None, got {base!r}")
+        return cls(step=step, num_gaussians=count, gaussians_sha256=digest, config_sha256=config, base_sha256=base)
 
     def mismatches(self, expected: "Provenance") -> List[str]:
         """What differs from ``expected`` (empty when this matches it). The step is compared only where
-        both know it; the count and both digests always."""
+        both know it; the count, both digests and the base weights always."""
         out = []
         if self.step is not None and expected.step is not None and self.step != expected.step:
             out.append(f"checkpoint step {self.step} (the run's checkpoint is step {expected.step})")
@@ -139,7 +145,14 @@ class Provenance:
                        f"{expected.gaussians_sha256[:12]}...)")
         if self.config_sha256 != expected.config_sha256:
             out.append(f"config sha256 {self.config_sha256[:12]}... (the run's is {expected.config_sha256[:12]}...)")
+        if self.base_sha256 != expected.base_sha256:
+            out.append(f"base weights sha256 {_short(self.base_sha256)} (the installed ones' is "
+                       f"{_short(expected.base_sha256)})")
         return out
+
+
+def _short(digest: Optional[str]) -> str:
+    return "none" if digest is None else f"{digest[:12]}..."
 
 
 # ------------------------------------------------------------------------------------------ file format

@@ -11,8 +11,9 @@ from gvae_ns.prior import shipped
 from gvae_ns.prior.shipped import MANIFEST_KEYS, PriorUnavailable, load_shipped, read_manifest, write_shipped
 from gvae_ns.refine import decoder as decoder_module
 from gvae_ns.refine.decoder import DECODERS, PriorDecoder, TunedPriorDecoder, decoder_for_run
+from gvae_ns.refine.result import rebuild_hint
 from gvae_ns.run_layout import DECODER_FILES
-from gvae_ns.tagged_file import Provenance
+from gvae_ns.tagged_file import Provenance, TaggedFileError
 from gvae_ns.vae.model import GaussianVAE, GaussianVAEConfig, StreamConfig
 from gvae_ns.vae.train import VAETrainConfig, train_vae
 from test_vae import make_transitions
@@ -133,3 +134,42 @@ def test_tuned_prior_decoder_is_fitted_from_the_shipped_weights_and_kept_beside_
     again = decoder_for_run("prior-tuned", path, lineage=object(), provenance=provenance, steps=3, device="cpu")
     for key, value in decoder.net.state_dict().items():
         assert torch.equal(again.net.state_dict()[key], value)
+
+
+def test_tuned_prior_from_another_shipped_prior_is_refused_until_retrained(tmp_path, monkeypatch):
+    """prior_tuned.pt records the prior it started from: installing another prior makes it stale."""
+    weights = tmp_path / "weights"
+    monkeypatch.setattr(decoder_module, "load_shipped", lambda device: load_shipped(device, weights))
+    monkeypatch.setattr(decoder_module, "read_manifest", lambda: read_manifest(weights))
+    monkeypatch.setattr(decoder_module, "build_transitions", lambda lineage, max_children: make_transitions(
+        n=24, stages=3, seed=7))
+    first = write_shipped(tiny_vae(6), weights, FACTS)
+    path = tmp_path / "prior_tuned.pt"
+    provenance = Provenance(step=7, num_gaussians=24, gaussians_sha256="a" * 64, config_sha256="b" * 64)
+    decoder_for_run("prior-tuned", path, lineage=object(), provenance=provenance, steps=2, device="cpu")
+    assert torch.load(path, weights_only=True)["provenance"]["base_sha256"] == first["sha256"]
+    decoder_for_run("prior-tuned", path, lineage=object(), provenance=provenance, steps=2, device="cpu")  # reused
+
+    second = write_shipped(tiny_vae(8), weights, FACTS)
+    assert second["sha256"] != first["sha256"]
+    hint = rebuild_hint(tmp_path, path.name, "prior-tuned")
+    assert "--decoder prior-tuned --retrain-decoder" in hint
+    with pytest.raises(TaggedFileError) as err:
+        decoder_for_run("prior-tuned", path, lineage=object(), provenance=provenance, steps=2, device="cpu",
+                        rebuild=hint)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert f"base weights sha256 {first['sha256'][:12]}... (the installed ones' is {second['sha256'][:12]}...)" in message
+    assert hint[1:] in message  # (its first letter capitalised)
+    decoder_for_run("prior-tuned", path, lineage=object(), provenance=provenance, steps=2, device="cpu", retrain=True)
+    assert torch.load(path, weights_only=True)["provenance"]["base_sha256"] == second["sha256"]
+
+    # a file from before the field (no base recorded) is stale too; the lineage VAE's files record none
+    data = torch.load(path, weights_only=True)
+    del data["provenance"]["base_sha256"]
+    torch.save(data, path)
+    with pytest.raises(TaggedFileError, match=r"base weights sha256 none \(the installed ones' is"):
+        decoder_for_run("prior-tuned", path, lineage=object(), provenance=provenance, steps=2, device="cpu")
+    assert Provenance.from_dict(provenance.to_dict()) == provenance and provenance.base_sha256 is None
+    with pytest.raises(ValueError, match="base_sha256"):
+        Provenance.from_dict({**provenance.to_dict(), "base_sha256": "short"})

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, ClassVar, Dict, NamedTuple, Optional, Protocol, Type, Union
 
@@ -45,7 +46,7 @@ from gvae_ns.densify.train import (
 from gvae_ns.gaussians import MEANS, PACKED_DIM, QUATS, SCALES
 from gvae_ns.lineage.dataset import build_transitions
 from gvae_ns.lineage.format import Lineage
-from gvae_ns.prior.shipped import load_shipped
+from gvae_ns.prior.shipped import load_shipped, read_manifest
 from gvae_ns.progress import phase
 from gvae_ns.quaternions import rotate
 from gvae_ns.run_layout import DECODER_FILES
@@ -157,11 +158,20 @@ class PriorDecoder(LineageVAEDecoder):
 
 class TunedPriorDecoder(LineageVAEDecoder):
     """The shipped prior fine-tuned on the run's own lineage for ``steps`` steps (its weights, statistics and
-    history window as the start), kept beside the run like the lineage VAE."""
+    history window as the start), kept beside the run like the lineage VAE. Its file also records the sha256 of
+    the prior it started from, so after another prior is installed it is refused as stale, like a lineage VAE
+    of another checkpoint."""
 
     name: ClassVar[str] = "prior-tuned"
     label: ClassVar[str] = "shipped prior, fine-tuned on the run"
     per_run: ClassVar[bool] = True
+
+    @classmethod
+    def load(cls, path: Path, device: Device, expected: Optional[Provenance], rebuild: Optional[str]) -> "TunedPriorDecoder":
+        return cls(load_vae(path, map_location=device, expected=_from_shipped(expected), rebuild=rebuild))
+
+    def save(self, path: Path, provenance: Optional[Provenance]) -> Path:
+        return save_vae(self.net, path, _from_shipped(provenance))
 
     @classmethod
     def fit(cls, lineage: Lineage, steps: int, device: Device, seed: int, writer_step: int = 0) -> "TunedPriorDecoder":
@@ -171,6 +181,11 @@ class TunedPriorDecoder(LineageVAEDecoder):
         with phase("Prior fine-tune", config.steps, writer_step) as advance:
             net, _ = train_vae(transitions, config, device=device, seed=seed, progress=advance, start_from=prior)
         return cls(net)
+
+
+def _from_shipped(provenance: Optional[Provenance]) -> Optional[Provenance]:
+    """``provenance`` with the installed prior's sha256 as its base weights (:class:`PriorUnavailable` when none)."""
+    return None if provenance is None else replace(provenance, base_sha256=str(read_manifest()["sha256"]))
 
 
 class DensifyHeadDecoder:

@@ -228,6 +228,6 @@ def rebuild_hint(run_dir: Optional[Union[str, Path]], name: str, decoder: str = 
     config = f"{Path(run_dir) / CONFIG_FILE}" if run_dir is not None else f"<run>/{CONFIG_FILE}"
     if name == REFINEMENT_FILE:
         return f"make it again with gvae-refine --load-config {config} (it replaces the file)"
-    generative = " --decoder generative" if decoder == "generative" else ""
-    return (f"train it again with gvae-refine --load-config {config}{generative} --retrain-decoder (it replaces "
+    which = "" if decoder == "temporal" else f" --decoder {decoder}"
+    return (f"train it again with gvae-refine --load-config {config}{which} --retrain-decoder (it replaces "
             "the file), or delete it")
