@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from nerfstudio.cameras.cameras import Cameras
 from PIL import Image
 
 from gvae_ns.bench import config, evaluate, plan, refine as bench_refine, report, run, train
@@ -286,9 +287,12 @@ def test_evaluation_of_a_trained_run(tiny):
     assert small["psnr"] == pytest.approx(first["psnr"], abs=1e-4), "the full-resolution score is unchanged"
     assert small["psnr_at_train"] > first["psnr"] + 0.5, "a run trained at 16 px scores better at 16 px than at 32"
     assert first["psnr_at_train"] is None and first["train_height"] is None
-    with pytest.warns(RuntimeWarning, match="not divisible by the training factor 3"):
-        odd = evaluate.evaluate_pipeline(pipeline, lpips=False, brisque=False, train_factor=3)
-    assert odd["psnr_at_train"] is None and odd["psnr"] == pytest.approx(first["psnr"], abs=1e-4)
+    odd = evaluate.evaluate_pipeline(pipeline, lpips=False, brisque=False, train_factor=3)  # 32 px: cropped to 30
+    assert (odd["train_height"], odd["train_width"]) == (10, 10) and odd["ssim_at_train"] is None  # < SSIM window
+    assert odd["psnr"] == pytest.approx(first["psnr"], abs=1e-4)
+    assert odd["psnr_at_train"] > first["psnr"] + 0.5, "scored at about its own 16 px resolution, not at 32"
+    again = evaluate.evaluate_pipeline(pipeline, lpips=False, brisque=False, train_factor=2)
+    assert again["psnr_at_train"] == pytest.approx(small["psnr_at_train"], abs=1e-6), "the crop left the cameras"
     assert evaluate.evaluate_pipeline(pipeline, max_views=1, lpips=False, brisque=False)["num_gaussians"] == n
 
 
@@ -367,3 +371,16 @@ def test_training_resolution_lines_compare_ours_to_antialiased_splatfacto():
     lines = report.train_resolution_lines(rows)
     assert lines == ["- x4 at the training resolution, PSNR against splatfacto antialiased (26.00 dB): "
                      "unrefined -0.10, VAE +1 +0.25 dB."], "x2 has no antialiased row: no line"
+
+
+def test_a_view_not_divisible_by_the_factor_is_cropped_at_the_bottom_right():
+    cameras = Cameras(camera_to_worlds=torch.eye(4)[:3][None], fx=50.0, fy=50.0, cx=4.5, cy=3.0, width=10, height=7)
+    cropped, kept = evaluate._divisible_view(cameras[0:1], (7, 10), 4)
+    assert kept == (4, 8)
+    assert (int(cropped.height), int(cropped.width)) == (4, 8)
+    assert (float(cropped.cx), float(cropped.cy)) == (4.5, 3.0), "the principal point is measured from the top-left"
+    assert (int(cameras.height), int(cameras.width)) == (7, 10), "the dataset's cameras are untouched"
+    same, kept = evaluate._divisible_view(cameras[0:1], (8, 12), 4)
+    assert kept == (8, 12)
+    with pytest.raises(BenchError, match="smaller than the training factor 8"):
+        evaluate._divisible_view(cameras[0:1], (7, 10), 8)

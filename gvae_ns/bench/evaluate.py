@@ -27,6 +27,10 @@ from gvae_ns.refine.result import load_refinement
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
+SSIM_WINDOW = 11
+"""SSIM's window (:func:`gvae_ns.metrics.ssim`): a training-resolution view smaller than this gets no SSIM."""
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -123,7 +127,9 @@ def evaluate_pipeline(
     With ``train_factor`` > 1 every view is also rendered at 1/``train_factor`` of its size (focal lengths,
     principal point and size scaled together, as the training copies are) and scored against the test image
     box-averaged down by that factor (the copies' filter): ``psnr_at_train``, ``ssim_at_train`` and
-    ``train_height`` / ``train_width`` (None without it).
+    ``train_height`` / ``train_width`` (None without it). A view whose size is not a multiple of the factor is
+    first cropped at the bottom and right to one (view and image alike; fewer than ``train_factor`` rows and
+    columns).
     """
     model = pipeline.model
     model.eval()
@@ -139,12 +145,6 @@ def evaluate_pipeline(
             "as stored. Score undistorted test views: run gvae-bench on the capture (its copies undistort the "
             "held-out images), or undistort them to pinhole cameras in the dataset.")
     lowres = train_factor is not None and train_factor > 1
-    if lowres:
-        sizes = torch.stack([cameras.height[:n].reshape(-1), cameras.width[:n].reshape(-1)])
-        if bool((sizes % train_factor != 0).any()):  # e.g. undistorted capture views: left out, with a warning
-            warnings.warn(f"the test views ({int(sizes[1, 0])}x{int(sizes[0, 0])} px) are not divisible by the "
-                          f"training factor {train_factor}: not scored at the training resolution.", RuntimeWarning)
-            lowres = False
     per_view: Dict[str, List[Optional[float]]] = {
         k: [] for k in ("psnr", "ssim", "lpips", "brisque", "psnr_at_train", "ssim_at_train")}
     train_size: Tuple[Optional[int], Optional[int]] = (None, None)
@@ -172,16 +172,18 @@ def evaluate_pipeline(
             per_view["lpips"].append(None if score is None else float(score))
             per_view["brisque"].append(_brisque(rgb) if brisque else None)
             if lowres:
-                small = cameras[i : i + 1]
+                small, kept = _divisible_view(cameras[i : i + 1], size, train_factor)
                 small.rescale_output_resolution(1.0 / train_factor, scale_rounding_mode="round")
                 rgb_small = model.get_outputs_for_camera(small.to(model.device))["rgb"].float().clamp(0, 1).cpu()
-                gt_small = torch.from_numpy(box_downscale(gt.numpy(), train_factor).astype(np.float32))
+                gt_kept = gt[: kept[0], : kept[1]].numpy()
+                gt_small = torch.from_numpy(box_downscale(gt_kept, train_factor).astype(np.float32))
                 if gt_small.shape != rgb_small.shape:
                     raise BenchError(f"test view {i} at 1/{train_factor}: rendered {tuple(rgb_small.shape)} but the "
                                      f"averaged-down image is {tuple(gt_small.shape)}.")
                 train_size = (int(gt_small.shape[0]), int(gt_small.shape[1]))
                 per_view["psnr_at_train"].append(float(metrics.psnr(rgb_small, gt_small)))
-                per_view["ssim_at_train"].append(float(metrics.ssim(rgb_small, gt_small)))
+                tiny = min(train_size) < SSIM_WINDOW  # SSIM's window does not fit: left out (None)
+                per_view["ssim_at_train"].append(None if tiny else float(metrics.ssim(rgb_small, gt_small)))
             if save_view == i and save_to is not None:
                 save_png(save_to, rgb)
                 if gt_to is not None:
@@ -209,6 +211,21 @@ def evaluate_pipeline(
         result["chamfer_all"] = metrics.chamfer_distance(centres, points) if len(centres) else None
         result["chamfer_opaque"] = metrics.chamfer_distance(opaque, points) if len(opaque) else None
     return result
+
+
+def _divisible_view(camera, size: Tuple[int, int], factor: int):
+    """``camera`` (one view of ``size`` = (height, width) px) cropped at the bottom and right to the largest
+    multiple of ``factor`` (the principal point is measured from the top-left, so it stays), and that kept
+    (height, width). Undistorted capture views (e.g. 539x959) are seldom divisible by the factor."""
+    kept = (size[0] - size[0] % factor, size[1] - size[1] % factor)
+    if kept == size:
+        return camera, kept
+    if min(kept) == 0:
+        raise BenchError(f"a test view of {size[1]}x{size[0]} px is smaller than the training factor {factor}.")
+    camera = camera[:]  # a new dataclass, so that replacing its sizes leaves the dataset's cameras as they are
+    camera.height = torch.full_like(camera.height, kept[0])
+    camera.width = torch.full_like(camera.width, kept[1])
+    return camera, kept
 
 
 def _brisque(image: torch.Tensor) -> Optional[float]:

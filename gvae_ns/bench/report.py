@@ -107,7 +107,8 @@ def format_table(results: Dict[str, Any]) -> str:
         lines.append("- PSNR / SSIM train res: the same test views rendered at the training copy's resolution ("
                      + ", ".join(f"{w}x{h}" for w, h in sizes) + " px; focal lengths, principal point and size "
                      "scaled by 1/factor) against the test images box-averaged down by the factor, as the copies "
-                     "were made: what refinement must not trade away.")
+                     "were made (a view not divisible by the factor first loses its last rows and columns to "
+                     "the nearest multiple): what refinement must not trade away.")
     lines.append(f"- CD: Chamfer distance (mean squared nearest-neighbour distance, both ways) between Gaussian "
                  f"centres and the dataset's points_gt.npy; 'opaque' keeps opacity > {suite.get('chamfer_opacity')}.")
     lines.append("- train s: from config.yml to the last checkpoint (trainer set-up + steps; process start-up "

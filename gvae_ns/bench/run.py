@@ -38,6 +38,11 @@ from gvae_ns.datasets import read_json, write_json
 
 
 # ------------------------------------------------------------------------------------------------- the loop
+EVAL_METHOD = 2
+"""Bumped when what a row's evaluation computes changes (2: test views not divisible by the training factor are
+cropped to it and scored at the training resolution, instead of left out), so older rows are scored again."""
+
+
 def _row_fingerprint(cfg: BenchConfig, row: RowSpec, run_record: dict, refine_record: Optional[dict]) -> str:
     """What a row's result depends on: the run (and when it finished), the refinement (and when it was made)
     and the evaluation settings; a run or refinement made again invalidates the row."""
@@ -46,7 +51,7 @@ def _row_fingerprint(cfg: BenchConfig, row: RowSpec, run_record: dict, refine_re
                          "refine_fp": [refine_record.get("fingerprint"), refine_record.get("made_at")]
                          if refine_record else None,
                          "eval": [cfg.max_test_views, cfg.chamfer_opacity, cfg.figure_view, cfg.lpips, cfg.brisque,
-                                  cfg.score_at_train_resolution]})
+                                  cfg.score_at_train_resolution, EVAL_METHOD]})
 
 
 def _row_entry(row: RowSpec, status: str, **extra: Any) -> Dict[str, Any]:
