@@ -119,7 +119,7 @@ def test_tuned_prior_decoder_is_fitted_from_the_shipped_weights_and_kept_beside_
     monkeypatch.setattr(decoder_module, "load_shipped", lambda device: load_shipped(device, tmp_path / "weights"))
     seen = {}
 
-    def fake_transitions(lineage, max_children):
+    def fake_transitions(lineage, max_children, cameras=None):
         seen["max_children"] = max_children
         return make_transitions(n=24, stages=3, seed=7)
 
@@ -141,8 +141,8 @@ def test_tuned_prior_from_another_shipped_prior_is_refused_until_retrained(tmp_p
     weights = tmp_path / "weights"
     monkeypatch.setattr(decoder_module, "load_shipped", lambda device: load_shipped(device, weights))
     monkeypatch.setattr(decoder_module, "read_manifest", lambda: read_manifest(weights))
-    monkeypatch.setattr(decoder_module, "build_transitions", lambda lineage, max_children: make_transitions(
-        n=24, stages=3, seed=7))
+    monkeypatch.setattr(decoder_module, "build_transitions",
+                        lambda lineage, max_children, cameras=None: make_transitions(n=24, stages=3, seed=7))
     first = write_shipped(tiny_vae(6), weights, FACTS)
     path = tmp_path / "prior_tuned.pt"
     provenance = Provenance(step=7, num_gaussians=24, gaussians_sha256="a" * 64, config_sha256="b" * 64)

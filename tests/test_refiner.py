@@ -92,7 +92,7 @@ class _OneEach:
 
     name, label, learned = "fake", "fake", False
 
-    def propose(self, states, history, history_mask, stages, max_new, seed, temperature=0.0):
+    def propose(self, states, history, history_mask, stages, max_new, seed, temperature=0.0, log2_px_per_unit=None):
         return Proposal(members=states + 1.0, source=torch.arange(states.shape[0]))
 
 
@@ -101,6 +101,23 @@ def test_a_single_proposal_never_overwrites_a_trained_gaussian():
     refined = Refiner(run, _OneEach(), _scores(20), fraction=0.5).refine(1, "hessian")  # type: ignore[arg-type]
     assert refined.num_added == 0 and refined.removed.numel() == 0
     assert torch.equal(pack_gaussians(refined.params), pack_gaussians(run.params))
+
+
+class _Recording(_OneEach):
+    """Records the pixel scales it is given."""
+
+    def propose(self, states, history, history_mask, stages, max_new, seed, temperature=0.0, log2_px_per_unit=None):
+        self.pixels = log2_px_per_unit
+        return super().propose(states, history, history_mask, stages, max_new, seed, temperature)
+
+
+def test_the_decoder_gets_the_pixel_scales_of_the_selected_gaussians_from_the_scores():
+    run, decoder = _run(20), _Recording()
+    scores = {**_scores(20), "log2_px_per_unit": torch.arange(20.0)}
+    refined = Refiner(run, decoder, scores, fraction=0.25).refine(1, "hessian")  # type: ignore[arg-type]
+    assert torch.equal(decoder.pixels, scores["log2_px_per_unit"][refined.selected])
+    Refiner(run, decoder, _scores(20), fraction=0.25).refine(1, "hessian")  # type: ignore[arg-type]
+    assert decoder.pixels is None, "scores from before footprints give none"
 
 
 def test_vae_refinement_is_deterministic_at_temperature_zero():

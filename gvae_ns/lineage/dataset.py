@@ -10,12 +10,13 @@ passes), never a per-Gaussian Python loop.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, List, Tuple, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from gvae_ns.gaussians import OPACITY, PACKED_DIM
+from gvae_ns.footprint import log2_pixels_per_unit
+from gvae_ns.gaussians import MEANS, OPACITY, PACKED_DIM
 from gvae_ns.lineage.format import Lineage
 
 
@@ -45,25 +46,29 @@ class TransitionSet:
     """Descendants dropped because a parent had more than ``max_children``."""
     num_orphans: int = 0
     """Gaussians at snapshot s + 1 without any ancestor at snapshot s (dropped)."""
+    log2_px_per_unit: Optional[Tensor] = None
+    """[N] pixels per world unit around each parent at its snapshot's stage resolution, log2
+    (:func:`gvae_ns.footprint.log2_pixels_per_unit`); ``None`` unless built with the training cameras."""
 
     def __len__(self) -> int:
         return int(self.parent_ids.shape[0])
 
-    def __getitem__(self, index: Union[Tensor, slice]) -> "TransitionSet":
-        """Rows ``index`` (counts of dropped items are kept as they are)."""
+    def _map(self, f: Callable[[Tensor], Tensor]) -> "TransitionSet":
+        kept = ("num_overflow", "num_orphans")
         return TransitionSet(
-            **{f.name: getattr(self, f.name)[index] for f in fields(self) if f.name not in ("num_overflow", "num_orphans")},
+            **{k.name: None if getattr(self, k.name) is None else f(getattr(self, k.name))
+               for k in fields(self) if k.name not in kept},
             num_overflow=self.num_overflow,
             num_orphans=self.num_orphans,
         )
 
+    def __getitem__(self, index: Union[Tensor, slice]) -> "TransitionSet":
+        """Rows ``index`` (counts of dropped items are kept as they are)."""
+        return self._map(lambda t: t[index])
+
     def to(self, device: Union[str, torch.device]) -> "TransitionSet":
         """Copy of the set on ``device``."""
-        return TransitionSet(
-            **{f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name not in ("num_overflow", "num_orphans")},
-            num_overflow=self.num_overflow,
-            num_orphans=self.num_orphans,
-        )
+        return self._map(lambda t: t.to(device))
 
 
 def _fixed_point(jump: Tensor) -> Tensor:
@@ -140,13 +145,21 @@ class _Snapshots:
         return hist, mask
 
 
-def build_transitions(lineage: Lineage, max_children: int = 4) -> TransitionSet:
-    """Every (snapshot s -> s + 1) parent with up to ``max_children`` descendants, for all s."""
+def snapshot_downscale(lineage: Lineage, k: int) -> float:
+    """The image downscale factor of the stage snapshot ``k`` closes (1 when the lineage records none)."""
+    stage, downscales = int(lineage.snapshot_stage[k]), lineage.stage_downscales
+    return float(downscales[min(stage, downscales.numel() - 1)]) if downscales.numel() else 1.0
+
+
+def build_transitions(lineage: Lineage, max_children: int = 4, cameras: Any = None) -> TransitionSet:
+    """Every (snapshot s -> s + 1) parent with up to ``max_children`` descendants, for all s; with the training
+    ``cameras`` (nerfstudio ``Cameras`` at the data's resolution), also each parent's ``log2_px_per_unit`` at
+    its snapshot's stage resolution."""
     if max_children < 1:
         raise ValueError(f"max_children must be >= 1, got {max_children}")
     snaps = _Snapshots(lineage)
     s_count, c = snaps.count, max_children
-    parts = []
+    parts, pixels = [], []
     overflow = orphans = 0
     for k in range(s_count - 1):
         parent_rows = snaps.rows[k]
@@ -179,6 +192,9 @@ def build_transitions(lineage: Lineage, max_children: int = 4) -> TransitionSet:
         parts.append(
             (hist, hmask, children, cmask, torch.full((n,), k, dtype=torch.long), lineage.ids[parent_rows], cids, counts)
         )
+        if cameras is not None:
+            means = lineage.snapshot(k).state[:, MEANS]
+            pixels.append(log2_pixels_per_unit(means, cameras, snapshot_downscale(lineage, k)))
     if not parts:
         return TransitionSet(
             history=torch.zeros(0, s_count, PACKED_DIM),
@@ -189,9 +205,11 @@ def build_transitions(lineage: Lineage, max_children: int = 4) -> TransitionSet:
             parent_ids=torch.zeros(0, dtype=torch.long),
             children_ids=torch.zeros(0, c, dtype=torch.long),
             num_children=torch.zeros(0, dtype=torch.long),
+            log2_px_per_unit=None if cameras is None else torch.zeros(0),
         )
     cols = [torch.cat(col) for col in zip(*parts)]
-    return TransitionSet(*cols, num_overflow=overflow, num_orphans=orphans)
+    return TransitionSet(*cols, num_overflow=overflow, num_orphans=orphans,
+                         log2_px_per_unit=torch.cat(pixels) if pixels else None)
 
 
 def final_histories(lineage: Lineage) -> Tuple[Tensor, Tensor, Tensor]:
@@ -201,6 +219,21 @@ def final_histories(lineage: Lineage) -> Tuple[Tensor, Tensor, Tensor]:
     snaps = _Snapshots(lineage)
     hist, mask = snaps.histories(snaps.count - 1)
     return hist, mask, lineage.snapshot(-1).ids.clone()
+
+
+def check_footprints(transitions: Any) -> Optional[Tensor]:
+    """The ``log2_px_per_unit [N]`` of a transition set (``None`` when it has none); ``ValueError`` when it is
+    not a finite float tensor with one value per transition."""
+    value = getattr(transitions, "log2_px_per_unit", None)
+    if value is None:
+        return None
+    n = int(_tensor(transitions, "stage").shape[0])
+    if not isinstance(value, Tensor) or value.shape != (n,) or not value.is_floating_point():
+        raise ValueError(f"transitions.log2_px_per_unit: expected a float tensor [{n}], got "
+                         f"{tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}")
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError("transitions.log2_px_per_unit: non-finite values")
+    return value.float()
 
 
 def _tensor(obj: Any, name: str) -> Tensor:

@@ -3,8 +3,8 @@
 For every scene seed: render ``gvae-synthetic --scene-seed N`` at ``resolution`` (the scene's own high
 resolution), train ``ns-train gaussianvae`` on it through ``stage_downscales`` (by default 1/8, 1/4, 1/2, 1/1,
 so the last transition is a true "low-resolution final stage -> twice the resolution" one, seen in the images),
-and write the lineage's stage transitions (:func:`gvae_ns.lineage.dataset.build_transitions`) as one shard
-(:func:`gvae_ns.prior.train.save_shard`). The benchmark scenes (the built-in scene, lego, fox) never enter:
+and write the lineage's stage transitions (:func:`gvae_ns.lineage.dataset.build_transitions`, with the scene's
+training cameras, so each parent's pixel scale comes along) as one shard (:func:`gvae_ns.prior.train.save_shard`). The benchmark scenes (the built-in scene, lego, fox) never enter:
 only :func:`gvae_ns.synthetic.variety.random_scene` scenes do.
 
 Scenes render in parallel worker processes and the trainings run ``jobs`` at a time as ``ns-train``
@@ -22,6 +22,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence, Tuple
+
+from nerfstudio.data.dataparsers.blender_dataparser import BlenderDataParserConfig
 
 from gvae_ns.datasets import read_json, write_json
 from gvae_ns.jobs import LoggedCommand, run_logged
@@ -136,7 +138,8 @@ def _render(args: Tuple[CorpusConfig, str, int]) -> int:
 def _shard(cfg: CorpusConfig, out: Path, seed: int) -> Path:
     """Scene ``seed``'s shard from its run's lineage, and its marker (the settings, and the transition count)."""
     lineage = load_lineage(RunLayout(_run_dir(out, seed)).lineage)
-    transitions = build_transitions(lineage, max_children=GaussianVAEConfig().max_children)
+    cameras = BlenderDataParserConfig(data=_scene_dir(out, seed)).setup().get_dataparser_outputs("train").cameras
+    transitions = build_transitions(lineage, max_children=GaussianVAEConfig().max_children, cameras=cameras)
     path = save_shard(shard_path(out, seed), transitions, scene=f"gvae-synthetic --scene-seed {seed}")
     write_json(path.with_suffix(".json"), {**_shard_spec(cfg, seed), "transitions": len(transitions)})
     return path
@@ -184,7 +187,8 @@ def _shard_spec(cfg: CorpusConfig, seed: int) -> Dict[str, object]:
     spec = asdict(cfg)
     spec.pop("jobs")
     spec.pop("scene_seeds")
-    return json.loads(json.dumps({**spec, "seed": seed}))  # as read back from its file (tuples become lists)
+    # "footprints": shards since they hold log2_px_per_unit (older ones are made again)
+    return json.loads(json.dumps({**spec, "seed": seed, "footprints": True}))  # as read back (tuples become lists)
 
 
 def _train_all(cfg: CorpusConfig, out: Path, seeds: Sequence[int], log: Callable[[str], None],

@@ -1,7 +1,8 @@
 """Data-parallel training of the cross-scene prior GaussianVAE on many scenes' lineage transitions.
 
 **Shards.** One file per scene (:func:`save_shard` / :func:`load_shard`): the scene's name and its
-transition tensors (``history``, ``history_mask``, ``children``, ``children_mask``, ``stage``), a tagged file
+transition tensors (``history``, ``history_mask``, ``children``, ``children_mask``, ``stage``, and
+``log2_px_per_unit`` when it was built with the scene's cameras), a tagged file
 (:mod:`gvae_ns.tagged_file`) written atomically and read with ``torch.load(weights_only=True)``.
 
 **Training** (:func:`train_prior`) runs in every process of a ``torch.distributed`` group, or alone:
@@ -49,7 +50,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from gvae_ns.console import say
-from gvae_ns.lineage.dataset import check_transitions
+from gvae_ns.lineage.dataset import check_footprints, check_transitions
 from gvae_ns.tagged_file import FileFormat, TaggedFileError, digest_config, load_tagged, save_tagged
 from gvae_ns.vae.file import save_vae
 from gvae_ns.vae.model import GaussianVAE
@@ -66,6 +67,7 @@ PRIOR_NAME = "prior.pt"
 
 _SHARD_TENSORS = (("history", "f", 3), ("history_mask", "b", 2), ("children", "f", 3), ("children_mask", "b", 2),
                   ("stage", "i", 1))
+_FOOTPRINTS = (("log2_px_per_unit", "f", 1),)  # optional: shards written before footprints lack it
 SHARD_FORMAT = FileFormat(
     tag="gvae_ns.prior.shard", version=1, what="prior transition shard",
     keys={"scene": str, **{name: torch.Tensor for name, _, _ in _SHARD_TENSORS}},
@@ -96,6 +98,9 @@ class Shard:
     """``[N, C]`` bool."""
     stage: Tensor
     """``[N]`` long parent stage."""
+    log2_px_per_unit: Optional[Tensor] = None
+    """``[N]`` float pixels per world unit around each parent at its stage's resolution, log2 (``None``: the
+    shard was built without the scene's cameras; a prior with ``footprint_context`` cannot train on it)."""
 
     def __len__(self) -> int:
         return int(self.stage.shape[0])
@@ -107,8 +112,12 @@ def save_shard(path: Union[str, os.PathLike], transitions: Any, scene: str) -> P
     if not isinstance(scene, str) or not scene:
         raise ValueError(f"save_shard: scene must be a non-empty string, got {scene!r}")
     tensors = check_transitions(transitions)
+    pixels = check_footprints(transitions)
+    if pixels is not None:
+        tensors = (*tensors, pixels)
     # clone: a slice of a larger set would otherwise save the whole storage it views
-    payload = {name: t.detach().cpu().contiguous().clone() for (name, _, _), t in zip(_SHARD_TENSORS, tensors)}
+    names = [name for name, _, _ in _SHARD_TENSORS + _FOOTPRINTS]
+    payload = {name: t.detach().cpu().contiguous().clone() for name, t in zip(names, tensors)}
     return save_tagged(path, SHARD_FORMAT, {"scene": scene, **payload})
 
 
@@ -120,9 +129,12 @@ def load_shard(path: Union[str, os.PathLike]) -> Shard:
     if not loaded.payload["scene"]:
         loaded.fail("'scene' is empty")
     tensors = {name: loaded.tensor(name, ndim=ndim, dtype_kind=kind) for name, kind, ndim in _SHARD_TENSORS}
+    tensors.update({name: loaded.tensor(name, ndim=ndim, dtype_kind=kind) for name, kind, ndim in _FOOTPRINTS
+                    if name in loaded.payload})
     shard = Shard(scene=loaded.payload["scene"], **tensors)
     with loaded.checking():
         check_transitions(shard)
+        check_footprints(shard)
     return shard
 
 

@@ -125,7 +125,7 @@ def build_refiner(config: RefineConfig, run: RunState, views: ScoringViews, writ
     path = layout.decoder(config.decoder) if config.decoder in DECODER_FILES else layout.root
     decoder = decoder_for_run(config.decoder, path, lineage, run.provenance, config.decoder_steps, run.device,
                               seed=config.seed, retrain=config.retrain_decoder, writer_step=writer_step,
-                              rebuild=rebuild_hint(layout.root, path.name, config.decoder))
+                              rebuild=rebuild_hint(layout.root, path.name, config.decoder), cameras=views.cameras)
     started = time.perf_counter()
     n_views = len(views.images) if config.score_views <= 0 else config.score_views
     with phase("Scoring views", n_views, writer_step) as advance:

@@ -28,7 +28,7 @@ import math
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, ClassVar, Dict, NamedTuple, Optional, Protocol, Type, Union
+from typing import Any, Callable, ClassVar, Dict, NamedTuple, Optional, Protocol, Type, Union
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,7 @@ from gvae_ns.lineage.format import Lineage
 from gvae_ns.prior.shipped import load_shipped, read_manifest
 from gvae_ns.progress import phase
 from gvae_ns.quaternions import rotate
+from gvae_ns.refine.result import RefinementUnavailable
 from gvae_ns.run_layout import DECODER_FILES
 from gvae_ns.tagged_file import Provenance
 from gvae_ns.vae.extrapolate import extrapolate
@@ -80,8 +81,11 @@ class Decoder(Protocol):
     densification head); the shipped prior and the controls are not."""
 
     @classmethod
-    def fit(cls, lineage: Lineage, steps: int, device: Device, seed: int, writer_step: int = 0) -> "Decoder":
-        """Train on ``lineage``'s stage transitions for ``steps`` optimiser steps (progress shown)."""
+    def fit(cls, lineage: Lineage, steps: int, device: Device, seed: int, writer_step: int = 0,
+            cameras: Any = None) -> "Decoder":
+        """Train on ``lineage``'s stage transitions for ``steps`` optimiser steps (progress shown); ``cameras``: the
+        training cameras (nerfstudio ``Cameras`` at the data's resolution), for a decoder that reads pixel
+        footprints."""
 
     @classmethod
     def load(cls, path: Path, device: Device, expected: Optional[Provenance], rebuild: Optional[str]) -> "Decoder":
@@ -91,10 +95,11 @@ class Decoder(Protocol):
         """Write the decoder file atomically, tied to ``provenance``."""
 
     def propose(self, states: Tensor, history: Tensor, history_mask: Tensor, stages: int, max_new: int,
-                seed: int, temperature: float = 0.0) -> Proposal:
+                seed: int, temperature: float = 0.0, log2_px_per_unit: Optional[Tensor] = None) -> Proposal:
         """Families for the selected Gaussians ``stages`` stages finer (``states [n, 59]``, ``history [n, S, 59]``);
         at most ``n + max_new`` members; ``temperature`` scales the latent noise of a generative decoder (0:
-        its deterministic prediction)."""
+        its deterministic prediction); ``log2_px_per_unit [n]``: pixels per world unit around each at the trained
+        resolution (log2; the scores' ``log2_px_per_unit``), which a decoder that reads footprints needs."""
 
 
 class LineageVAEDecoder:
@@ -108,9 +113,11 @@ class LineageVAEDecoder:
         self.net = net
 
     @classmethod
-    def fit(cls, lineage: Lineage, steps: int, device: Device, seed: int, writer_step: int = 0) -> "LineageVAEDecoder":
+    def fit(cls, lineage: Lineage, steps: int, device: Device, seed: int, writer_step: int = 0,
+            cameras: Any = None) -> "LineageVAEDecoder":
         config = VAETrainConfig(steps=steps)
-        transitions = build_transitions(lineage, max_children=config.model.max_children)
+        transitions = build_transitions(lineage, max_children=config.model.max_children,
+                                        cameras=cameras if config.model.footprint_context else None)
         with phase("VAE training", config.steps, writer_step) as advance:
             net, _ = train_vae(transitions, config, device=device, seed=seed, progress=advance)
         return cls(net)
@@ -123,10 +130,15 @@ class LineageVAEDecoder:
         return save_vae(self.net, path, provenance)
 
     def propose(self, states: Tensor, history: Tensor, history_mask: Tensor, stages: int, max_new: int,
-                seed: int, temperature: float = 0.0) -> Proposal:
+                seed: int, temperature: float = 0.0, log2_px_per_unit: Optional[Tensor] = None) -> Proposal:
         device = next(self.net.parameters()).device
+        if self.net.config.footprint_context and log2_px_per_unit is None:
+            raise RefinementUnavailable(
+                f"the {self.label} reads pixel footprints, and the selection scores hold none (they were measured "
+                "before footprints were): run gvae-refine again to score the run's views."
+            )
         result = extrapolate(self.net, history.to(device), history_mask.to(device), steps=stages, max_new=max_new,
-                             seed=seed, temperature=temperature)
+                             seed=seed, temperature=temperature, log2_px_per_unit=log2_px_per_unit)
         # the family: the lineage's own continuation when it survives, and its added descendants
         alive = result.alive.cpu().nonzero().flatten()
         members = torch.cat([result.refined.cpu()[alive], result.added.cpu()])
@@ -145,7 +157,8 @@ class PriorDecoder(LineageVAEDecoder):
     per_run: ClassVar[bool] = False
 
     @classmethod
-    def fit(cls, lineage: Lineage, steps: int, device: Device, seed: int, writer_step: int = 0) -> "PriorDecoder":
+    def fit(cls, lineage: Lineage, steps: int, device: Device, seed: int, writer_step: int = 0,
+            cameras: Any = None) -> "PriorDecoder":
         return cls(load_shipped(device))
 
     @classmethod
@@ -174,10 +187,15 @@ class TunedPriorDecoder(LineageVAEDecoder):
         return save_vae(self.net, path, _from_shipped(provenance))
 
     @classmethod
-    def fit(cls, lineage: Lineage, steps: int, device: Device, seed: int, writer_step: int = 0) -> "TunedPriorDecoder":
+    def fit(cls, lineage: Lineage, steps: int, device: Device, seed: int, writer_step: int = 0,
+            cameras: Any = None) -> "TunedPriorDecoder":
         prior = load_shipped(device)
         config = VAETrainConfig(steps=steps)
-        transitions = build_transitions(lineage, max_children=prior.config.max_children)
+        if prior.config.footprint_context and cameras is None:
+            raise RefinementUnavailable(f"the {cls.label} reads pixel footprints: fine-tuning it needs the training "
+                                        "cameras.")
+        transitions = build_transitions(lineage, max_children=prior.config.max_children,
+                                        cameras=cameras if prior.config.footprint_context else None)
         with phase("Prior fine-tune", config.steps, writer_step) as advance:
             net, _ = train_vae(transitions, config, device=device, seed=seed, progress=advance, start_from=prior)
         return cls(net)
@@ -199,7 +217,8 @@ class DensifyHeadDecoder:
         self.net = net
 
     @classmethod
-    def fit(cls, lineage: Lineage, steps: int, device: Device, seed: int, writer_step: int = 0) -> "DensifyHeadDecoder":
+    def fit(cls, lineage: Lineage, steps: int, device: Device, seed: int, writer_step: int = 0,
+            cameras: Any = None) -> "DensifyHeadDecoder":
         config = DensifyTrainConfig(steps=steps)
         transitions = build_transitions(lineage, max_children=config.max_children)
         net, _ = train_densify_head(transitions, config, device=device, seed=seed)
@@ -213,7 +232,7 @@ class DensifyHeadDecoder:
         return save_densify_head(self.net, path, provenance)
 
     def propose(self, states: Tensor, history: Tensor, history_mask: Tensor, stages: int, max_new: int,
-                seed: int, temperature: float = 0.0) -> Proposal:
+                seed: int, temperature: float = 0.0, log2_px_per_unit: Optional[Tensor] = None) -> Proposal:
         device = next(self.net.parameters()).device
         members, source = densify(self.net, states.to(device), steps=stages, max_new=max_new)
         return Proposal(members=members.cpu(), source=source.cpu())
@@ -225,7 +244,8 @@ class _Unlearned:
     per_run: ClassVar[bool] = False
 
     @classmethod
-    def fit(cls, lineage: Lineage, steps: int, device: Device, seed: int, writer_step: int = 0):
+    def fit(cls, lineage: Lineage, steps: int, device: Device, seed: int, writer_step: int = 0,
+            cameras: Any = None):
         return cls()
 
     @classmethod
@@ -250,7 +270,7 @@ class SplitDecoder(_Unlearned):
     """What a split divides the scales by (3DGS, gsplat)."""
 
     def propose(self, states: Tensor, history: Tensor, history_mask: Tensor, stages: int, max_new: int,
-                seed: int, temperature: float = 0.0) -> Proposal:
+                seed: int, temperature: float = 0.0, log2_px_per_unit: Optional[Tensor] = None) -> Proposal:
         generator = torch.Generator().manual_seed(seed)
         members, source = states.float().cpu(), torch.arange(states.shape[0])
         budget = states.shape[0] + max_new
@@ -273,7 +293,7 @@ class NoProposalDecoder(_Unlearned):
     label: ClassVar[str] = "no proposals"
 
     def propose(self, states: Tensor, history: Tensor, history_mask: Tensor, stages: int, max_new: int,
-                seed: int, temperature: float = 0.0) -> Proposal:
+                seed: int, temperature: float = 0.0, log2_px_per_unit: Optional[Tensor] = None) -> Proposal:
         return Proposal(members=states.new_zeros(0, PACKED_DIM), source=torch.zeros(0, dtype=torch.long))
 
 
@@ -310,22 +330,23 @@ def decoder_class(name: str) -> Type[Decoder]:
 
 def decoder_for_run(name: str, path: Path, lineage: Lineage, provenance: Provenance, steps: int, device: Device,
                     seed: int = 0, retrain: bool = False, rebuild: Optional[str] = None, writer_step: int = 0,
-                    log: Optional[Callable[[str], None]] = None) -> Decoder:
+                    log: Optional[Callable[[str], None]] = None, cameras: Any = None) -> Decoder:
     """The decoder in ``path`` when it was trained on this run state (``provenance``), else one fitted on
-    ``lineage`` for ``steps`` steps and saved to ``path`` (also when ``retrain``).
+    ``lineage`` for ``steps`` steps and saved to ``path`` (also when ``retrain``); ``cameras``: the training
+    cameras, for a decoder that reads pixel footprints.
 
     A stale, foreign or damaged file raises :class:`~gvae_ns.tagged_file.TaggedFileError` (a ``ValueError``)
     with ``rebuild`` as the fix; it is never replaced without ``retrain``."""
     cls = decoder_class(name)
     log = log or say
     if not cls.per_run:
-        return cls.fit(lineage, steps, device, seed, writer_step)
+        return cls.fit(lineage, steps, device, seed, writer_step, cameras)
     if path.exists() and not retrain:
         decoder = cls.load(path, device, provenance, rebuild)
         log(f"gvae-refine: using the {cls.label} in {path} (trained on this checkpoint)")
         return decoder
     started = time.perf_counter()
-    decoder = cls.fit(lineage, steps, device, seed, writer_step)
+    decoder = cls.fit(lineage, steps, device, seed, writer_step, cameras)
     decoder.save(path, provenance)
     log(f"gvae-refine: trained the {cls.label} in {time.perf_counter() - started:.1f} s -> {path}")
     return decoder

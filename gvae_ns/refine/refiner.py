@@ -129,8 +129,10 @@ class Refiner:
         chosen = select_top(score) if select == "all" else select_top(score, fraction=self.fraction)
         max_new = int(round(self.max_new_ratio * len(chosen)))
         parents = self.states[chosen]
+        pixels = self.scores.get("log2_px_per_unit")
         proposal = self.decoder.propose(parents, self.history[chosen], self.history_mask[chosen], stages=int(stages),
-                                        max_new=max_new, seed=self.seed, temperature=self.temperature)
+                                        max_new=max_new, seed=self.seed, temperature=self.temperature,
+                                        log2_px_per_unit=None if pixels is None else pixels[chosen])
         replaced = torch.bincount(proposal.source, minlength=len(chosen)) >= 2
         take = replaced[proposal.source]
         members = conserve_families(parents, proposal.members[take].to(parents.dtype), proposal.source[take])

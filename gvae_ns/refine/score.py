@@ -31,6 +31,7 @@ import torch
 from nerfstudio.models.splatfacto import resize_image
 
 from gvae_ns.gaussians import PARAM_KEYS
+from gvae_ns.footprint import log2_pixels_per_unit
 from gvae_ns.render import rasterize, world_to_camera
 from gvae_ns.render.filter3d import SmoothingFilter3D
 
@@ -184,7 +185,9 @@ def score_gaussians(params: Dict[str, torch.Tensor], views: ScoringViews, count:
 
     ``grad2d``: mean norm of the view-space (pixel) position gradient over views where the Gaussian is
     visible, as the densification strategy measures it. ``hessian``: diagonal Gauss-Newton estimate of the
-    photometric loss w.r.t. the 3D position, ``sum_v (dL_v/dmean)^2``.
+    photometric loss w.r.t. the 3D position, ``sum_v (dL_v/dmean)^2``. ``log2_px_per_unit``: not a selection
+    signal but the pixel scale at each Gaussian over all the views, at the trained resolution
+    (:func:`gvae_ns.footprint.log2_pixels_per_unit`), for decoders that read footprints.
     """
     params = {k: params[k].detach() for k in PARAM_KEYS}
     n = params["means"].shape[0]
@@ -211,4 +214,5 @@ def score_gaussians(params: Dict[str, torch.Tensor], views: ScoringViews, count:
         hessian += means.grad.pow(2).sum(dim=-1)
         if progress is not None:
             progress(done, {"l1": float(loss.detach())})
-    return {"grad2d": (grad_sum / vis_count.clamp_min(1)).cpu(), "hessian": hessian.cpu()}
+    pixels = log2_pixels_per_unit(params["means"], views.cameras, views.downscale)
+    return {"grad2d": (grad_sum / vis_count.clamp_min(1)).cpu(), "hessian": hessian.cpu(), "log2_px_per_unit": pixels}

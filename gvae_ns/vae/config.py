@@ -56,6 +56,11 @@ class GaussianVAEConfig:
     """Child decoder by registered name: ``mlp`` (all slots jointly from one MLP; cheap at 1e5-1e6
     lineages) or ``slots`` (learned slot tokens with self-attention, mirroring the encoder; ~5x the
     inference cost); see :func:`gvae_ns.vae.child_decoders.register_decoder` for others."""
+    footprint_context: bool = False
+    """Give every history token its log2 pixel length at its stage's resolution as one more context column
+    (:func:`gvae_ns.vae.features.footprint_column`), so the model can tell a Gaussian that a finer resolution
+    can resolve from one already below a pixel. Its inputs then need the training cameras: transitions built
+    with ``build_transitions(..., cameras=...)`` and ``log2_px_per_unit`` at inference."""
     dropout: float = 0.0
     """Dropout inside the transformer blocks."""
     input_clip: float = 10.0

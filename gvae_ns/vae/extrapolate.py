@@ -73,6 +73,7 @@ def extrapolate(
     seed: int = 0,
     temperature: float = 1.0,
     chunk_size: int = 65536,
+    log2_px_per_unit: Optional[Tensor] = None,
 ) -> ExtrapolationResult:
     """Run ``steps`` (1..4 is the intended range) extrapolation steps on raw lineage histories.
 
@@ -81,7 +82,10 @@ def extrapolate(
     at most doubling the count; 0 refines without adding). ``generator`` (on the model's device) or
     ``seed`` fixes the latent draws: same inputs and seed give the same result on a given device.
     ``temperature`` scales the prior's base noise (0: deterministic ``z = T(0)``). Lineages are decoded
-    in chunks of ``chunk_size`` to bound memory; the result does not depend on it."""
+    in chunks of ``chunk_size`` to bound memory; the result does not depend on it. ``log2_px_per_unit [N]``
+    (pixels per world unit around each lineage at the trained resolution, log2) is what a model that reads
+    footprints needs (``ValueError`` without it); each step is one resolution doubling, so it gains 1 per step
+    and an added Gaussian inherits its parent's."""
     if steps < 1:
         raise ValueError(f"extrapolate: steps must be >= 1, got {steps}")
     if not 0.0 < exist_threshold < 1.0:
@@ -102,6 +106,11 @@ def extrapolate(
     if generator is None:
         generator = torch.Generator(device=device).manual_seed(seed)
 
+    pixels = vae.footprints(log2_px_per_unit)
+    if pixels is not None:
+        pixels = pixels.to(device=device, dtype=torch.float32)
+        if pixels.shape != (n,):
+            raise ValueError(f"extrapolate: log2_px_per_unit must be [{n}], got {tuple(pixels.shape)}")
     was_training = vae.training
     vae.eval()
     try:
@@ -120,7 +129,7 @@ def extrapolate(
             cand_rows, cand_states, cand_prob = [], [], []
             for lo in range(0, lineages, chunk_size):
                 hi = min(lo + chunk_size, lineages)
-                tokens = tokens_from_aligned(states[lo:hi], mask[lo:hi])
+                tokens = tokens_from_aligned(states[lo:hi], mask[lo:hi], None if pixels is None else pixels[lo:hi])
                 out = vae(tokens, noise=(noise_geo[lo:hi], noise_app[lo:hi]))
                 children, prob = vae.children_from_output(out, tokens.parent)
                 cont[lo:hi] = children[:, 0]
@@ -156,6 +165,8 @@ def extrapolate(
             source = torch.cat([source[keep], source[rows]])
             born = torch.cat([born[keep], torch.full_like(rows, step)])
             is_input = torch.cat([is_input[keep], torch.zeros_like(rows, dtype=torch.bool)])
+            if pixels is not None:  # the new newest stage is one doubling finer
+                pixels = torch.cat([pixels[keep], pixels[rows]]) + 1.0
             counts.append(
                 dict(
                     step=step,

@@ -23,12 +23,16 @@ quaternion algebra is :mod:`gvae_ns.quaternions`'s, imported here under the name
 
 History tokens (:func:`history_tokens`) are the lineage's states relative to its newest one, right-
 aligned so that the newest stage is always the last column, plus a few scale-free context features of
-each token's own state (:func:`context_features`); the model appends the exist flag.
+each token's own state (:func:`context_features`); the model appends the exist flag. A model that reads
+pixel footprints (``GaussianVAEConfig.footprint_context``) gets one more context column,
+:func:`footprint_column`: each token's log2 pixel length at the resolution of its own stage.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -56,6 +60,8 @@ CONTEXT_DIM = 7
 """Per-token scale-free context of the token's own state, given to both streams: log-scale anisotropy
 ``log-scale - max(log-scale)`` (3), opacity logit (1), SH DC colour (3). Survival (pruning) hangs on
 opacity and split-vs-clone on shape, so both streams need both to predict the exist flags."""
+FOOTPRINT_DIM = 1
+"""The optional footprint context column (:func:`footprint_column`)."""
 
 
 def _check_state(x: Tensor, name: str) -> None:
@@ -131,6 +137,20 @@ def context_features(state: Tensor) -> Tensor:
     return torch.cat([anisotropy, state[..., OPACITY], state[..., SH_DC]], dim=-1)
 
 
+def footprint_column(states: Tensor, log2_px_per_unit: Tensor) -> Tensor:
+    """``[N, W, 1]`` log2 pixel length of each right-aligned token's largest axis at its own stage's resolution.
+
+    ``log2_px_per_unit [N]``: pixels per world unit around the lineage at the newest stage's resolution
+    (:func:`gvae_ns.footprint.log2_pixels_per_unit`); a token ``j`` stages older was trained at ``2**-j`` of that
+    resolution (stages double), and the newest state's own next stage is this column + 1."""
+    w = states.shape[1]
+    if log2_px_per_unit.shape != states.shape[:1]:
+        raise ValueError(f"log2_px_per_unit: expected [{states.shape[0]}], got {tuple(log2_px_per_unit.shape)}")
+    back = torch.arange(w - 1, -1, -1, device=states.device, dtype=states.dtype)
+    largest = states[..., SCALES].amax(dim=-1) / math.log(2.0)
+    return (log2_px_per_unit.to(states)[:, None] - back[None, :] + largest)[..., None]
+
+
 def newest_index(history_mask: Tensor) -> Tensor:
     """Index ``[N]`` of each row's newest present stage; raises if a row has none."""
     if history_mask.ndim != 2:
@@ -171,9 +191,9 @@ class HistoryTokens:
     """Per-stream history tokens of a batch of lineages, right-aligned (newest stage last)."""
 
     geometry: Tensor
-    """``[N, W, 17]``: relative geometry (10) + context (7)."""
+    """``[N, W, 17]``: relative geometry (10) + context (7; 8 with the footprint column)."""
     appearance: Tensor
-    """``[N, W, 56]``: relative appearance (49) + context (7)."""
+    """``[N, W, 56]``: relative appearance (49) + context (7; 8 with the footprint column)."""
     mask: Tensor
     """``[N, W]`` bool: stage present (the last column is always present)."""
     parent: Tensor
@@ -190,19 +210,23 @@ class HistoryTokens:
         )
 
 
-def tokens_from_aligned(states: Tensor, mask: Tensor) -> HistoryTokens:
-    """History tokens from right-aligned raw states ``[N, W, 59]`` and mask ``[N, W]``."""
+def tokens_from_aligned(states: Tensor, mask: Tensor, log2_px_per_unit: Optional[Tensor] = None) -> HistoryTokens:
+    """History tokens from right-aligned raw states ``[N, W, 59]`` and mask ``[N, W]`` (with
+    ``log2_px_per_unit [N]``: plus the :func:`footprint_column`)."""
     parent = states[:, -1]
     rel = relative_features(states, parent[:, None, :])
     geo, app = split_streams(rel)
     ctx = context_features(states)
+    if log2_px_per_unit is not None:
+        ctx = torch.cat([ctx, footprint_column(states, log2_px_per_unit)], dim=-1)
     zero = torch.zeros((), dtype=states.dtype, device=states.device)
     geometry = torch.where(mask[..., None], torch.cat([geo, ctx], dim=-1), zero)
     appearance = torch.where(mask[..., None], torch.cat([app, ctx], dim=-1), zero)
     return HistoryTokens(geometry=geometry, appearance=appearance, mask=mask, parent=parent)
 
 
-def history_tokens(history: Tensor, history_mask: Tensor, window: int) -> HistoryTokens:
+def history_tokens(history: Tensor, history_mask: Tensor, window: int,
+                   log2_px_per_unit: Optional[Tensor] = None) -> HistoryTokens:
     """History tokens of raw histories ``[N, S, 59]`` (any layout; the newest present row is the parent)."""
     states, mask = right_align(history, history_mask.bool(), window)
-    return tokens_from_aligned(states, mask)
+    return tokens_from_aligned(states, mask, log2_px_per_unit)

@@ -253,12 +253,9 @@ class GaussianVAE(nn.Module):
         config = config or GaussianVAEConfig()
         validate_config(config, tuple(_DECODERS))
         self.config = config
-        self.geometry = StreamVAE(
-            feats.GEOMETRY_DIM + feats.CONTEXT_DIM, feats.GEOMETRY_DIM, config.geometry, config
-        )
-        self.appearance = StreamVAE(
-            feats.APPEARANCE_DIM + feats.CONTEXT_DIM, feats.APPEARANCE_DIM, config.appearance, config
-        )
+        context = feats.CONTEXT_DIM + (feats.FOOTPRINT_DIM if config.footprint_context else 0)
+        self.geometry = StreamVAE(feats.GEOMETRY_DIM + context, feats.GEOMETRY_DIM, config.geometry, config)
+        self.appearance = StreamVAE(feats.APPEARANCE_DIM + context, feats.APPEARANCE_DIM, config.appearance, config)
         self.register_buffer("history_window", torch.tensor(config.max_history, dtype=torch.long))
 
     @property
@@ -276,9 +273,23 @@ class GaussianVAE(nn.Module):
         app = sum(p.numel() for p in self.appearance.parameters())
         return {"geometry": geo, "appearance": app, "total": geo + app}
 
-    def history_tokens(self, history: Tensor, history_mask: Tensor) -> feats.HistoryTokens:
-        """Raw histories ``[N, S, 59]`` + mask -> right-aligned tokens within the model's window."""
-        return feats.history_tokens(history, history_mask, self.window)
+    def footprints(self, log2_px_per_unit: Optional[Tensor]) -> Optional[Tensor]:
+        """What the tokens get of ``log2_px_per_unit`` (``[N]``, see :func:`gvae_ns.vae.features.footprint_column`):
+        it when the model reads footprints (``ValueError`` when it is missing), ``None`` when it does not."""
+        if not self.config.footprint_context:
+            return None
+        if log2_px_per_unit is None:
+            raise ValueError(
+                "this GaussianVAE reads pixel footprints (footprint_context) but got none: build its transitions "
+                "with build_transitions(..., cameras=<the training cameras>) and pass log2_px_per_unit at inference"
+            )
+        return log2_px_per_unit
+
+    def history_tokens(self, history: Tensor, history_mask: Tensor,
+                       log2_px_per_unit: Optional[Tensor] = None) -> feats.HistoryTokens:
+        """Raw histories ``[N, S, 59]`` + mask -> right-aligned tokens within the model's window (with the
+        footprint column from ``log2_px_per_unit [N]`` when the model reads it; ignored otherwise)."""
+        return feats.history_tokens(history, history_mask, self.window, self.footprints(log2_px_per_unit))
 
     def child_targets(self, children: Tensor, children_mask: Tensor, parent: Tensor) -> ChildTargets:
         """Raw children ``[N, C, 59]`` (``C <= max_children``, padded here) relative to ``parent [N, 59]``."""
@@ -349,9 +360,10 @@ class GaussianVAE(nn.Module):
         history_mask: Tensor,
         generator: Optional[torch.Generator] = None,
         temperature: float = 1.0,
+        log2_px_per_unit: Optional[Tensor] = None,
     ) -> tuple[Tensor, Tensor]:
         """Children of raw histories ``[N, S, 59]`` one stage ahead: (states ``[N, C, 59]``, exist prob
         ``[N, C]``), with ``z`` drawn from the flow priors."""
-        tokens = self.history_tokens(history, history_mask)
+        tokens = self.history_tokens(history, history_mask, log2_px_per_unit)
         noise = self.sample_noise(tokens.mask.shape[0], generator, temperature)
         return self.children_from_output(self.forward(tokens, noise=noise), tokens.parent)

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from gvae_ns.lineage.dataset import check_transitions
+from gvae_ns.lineage.dataset import check_footprints, check_transitions
 from gvae_ns.vae.features import HistoryTokens, newest_index
 from gvae_ns.vae.losses import LossWeights, cyclic_beta, vae_loss
 from gvae_ns.vae.model import ChildTargets, GaussianVAE, GaussianVAEConfig, Normalizer
@@ -95,6 +95,9 @@ class CleanTransitions:
     """``[N]`` long parent stage."""
     dropped: int
     """Children cut because they sat in slots past ``max_children``."""
+    log2_px_per_unit: Optional[Tensor] = None
+    """``[N]`` pixels per world unit around each parent at its stage's resolution (log2), when the set was built
+    with the training cameras; a model with ``footprint_context`` needs it."""
 
 
 def clean_transitions(transitions: Any, max_children: int) -> CleanTransitions:
@@ -109,7 +112,8 @@ def clean_transitions(transitions: Any, max_children: int) -> CleanTransitions:
     if children.shape[1] > max_children:
         dropped = int(children_mask[:, max_children:].sum())
         children, children_mask = children[:, :max_children], children_mask[:, :max_children]
-    return CleanTransitions(history, history_mask, children, children_mask, stage, dropped)
+    return CleanTransitions(history, history_mask, children, children_mask, stage, dropped,
+                            check_footprints(transitions))
 
 
 def needed_window(transitions: CleanTransitions, max_history: int) -> int:
@@ -178,7 +182,7 @@ def prepare_training(
 
     tokens_parts, target_parts, coarse_parts = [], [], []
     for part in sets:
-        tokens = vae.history_tokens(part.history, part.history_mask)
+        tokens = vae.history_tokens(part.history, part.history_mask, part.log2_px_per_unit)
         tokens_parts.append(tokens)
         target_parts.append(vae.child_targets(part.children, part.children_mask, tokens.parent))
         stages = torch.unique(part.stage)
