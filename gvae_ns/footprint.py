@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gvae_ns.render.projection import world_to_camera
+
 MIN_DEPTH = 1e-3
 """Points closer to a camera than this (world units) do not count as in front of it."""
 
@@ -40,19 +42,20 @@ def log2_pixels_per_unit(means: Tensor, cameras: Any, downscale: float = 1.0, ch
 
     fx, fy, cx, cy = column("fx"), column("fy"), column("cx"), column("cy")
     width, height = column("width"), column("height")
-    rot, origin = c2w[:, :, :3], c2w[:, :, 3]
+    viewmats = world_to_camera(c2w)  # OpenCV axes: x right, y down, z ahead
+    rot, shift = viewmats[:, :3, :3], viewmats[:, :3, 3]
     log2_focal = 0.5 * torch.log2(fx * fy)
     points = means.detach().double().cpu()
     out = torch.zeros(points.shape[0], dtype=torch.float64)
     fallback = torch.zeros(points.shape[0], dtype=torch.bool)
     for lo in range(0, points.shape[0], chunk):
         p = points[lo:lo + chunk]
-        local = torch.einsum("vji,nvj->nvi", rot, p[:, None, :] - origin[None])  # camera axes: x right, y up, -z ahead
-        depth = -local[..., 2]
+        local = torch.einsum("vij,nj->nvi", rot, p) + shift[None]
+        depth = local[..., 2]
         front = depth > MIN_DEPTH
         safe = torch.where(front, depth, torch.ones_like(depth))
         u = fx * local[..., 0] / safe + cx
-        w = cy - fy * local[..., 1] / safe
+        w = fy * local[..., 1] / safe + cy
         seen = front & (u >= 0) & (u < width) & (w >= 0) & (w < height)
         value = log2_focal[None] - torch.log2(safe)
         use = torch.where(seen.any(dim=1, keepdim=True), seen, front)

@@ -4,8 +4,9 @@ For every scene seed: render ``gvae-synthetic --scene-seed N`` at ``resolution``
 resolution), train ``ns-train gaussianvae`` on it through ``stage_downscales`` (by default 1/8, 1/4, 1/2, 1/1,
 so the last transition is a true "low-resolution final stage -> twice the resolution" one, seen in the images),
 and write the lineage's stage transitions (:func:`gvae_ns.lineage.dataset.build_transitions`, with the scene's
-training cameras, so each parent's pixel scale comes along) as one shard (:func:`gvae_ns.prior.train.save_shard`). The benchmark scenes (the built-in scene, lego, fox) never enter:
-only :func:`gvae_ns.synthetic.variety.random_scene` scenes do.
+training cameras, so each parent's pixel scale comes along) as one shard (:func:`gvae_ns.prior.train.save_shard`).
+The benchmark scenes (the built-in scene, lego, fox) never enter: only
+:func:`gvae_ns.synthetic.variety.random_scene` scenes do.
 
 Scenes render in parallel worker processes and the trainings run ``jobs`` at a time as ``ns-train``
 subprocesses (each with ``OMP_NUM_THREADS = cores / jobs`` on a CPU). Everything is resumable: a scene, a run
