@@ -82,11 +82,11 @@ class GaussianVAEModelConfig(SplatfactoModelConfig):
     decoder_steps: int = 1500
     """Optimiser steps of the decoder fitted on the lineage after training (lineage VAE, GD head, tuned prior)."""
     finetune_steps: int = 200
-    """Steps of the sub-pixel fine-tune of the refinement after training (0: none); it is kept only if it does not
-    raise the loss on the held-out views (see gvae_ns/refine/finetune.py)."""
+    """Steps of the sub-pixel fine-tune after training (0: none), kept only if the held-out loss does not rise."""
+    compare_with_finetune_only: bool = True
+    """Keep the fine-tune alone instead where its held-out loss is lower (as gvae-refine; doubles the fine-tune)."""
     show_refined: bool = True
-    """Whether the viewer and exporter see the refined Gaussians when a refinement exists (the environment
-    variable GVAE_REFINED=0 overrides it, e.g. for ``GVAE_REFINED=0 ns-export gaussian-splat ...``)."""
+    """Whether the viewer and exporter see the refined Gaussians (GVAE_REFINED=0 overrides it, e.g. for ns-export)."""
     mip_filter_3d: bool = False
     """Mip-Splatting's 3D smoothing filter: each Gaussian gets at least the footprint the training views sample
     (gvae_ns/render/filter3d.py); renders, ns-export and the viewer see the filtered scales and opacities."""

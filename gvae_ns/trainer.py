@@ -287,6 +287,7 @@ class GaussianVAETrainer(Trainer):
             decoder=model.config.decoder,
             decoder_steps=model.config.decoder_steps,
             finetune_steps=model.config.finetune_steps,
+            compare_with_finetune_only=model.config.compare_with_finetune_only,
             retrain_decoder=True,
         )
         with self.train_lock:

@@ -4,8 +4,10 @@
 
 Reuses the run's decoder file (vae.pt for the default --decoder temporal) when it was trained on this checkpoint
 (trains one if missing; --decoder prior uses the package's shipped prior); each row is what
-gvae-refine makes (proposals, then the sub-pixel fine-tune kept only if the held-out loss does not rise; the
-fine-tune-only control is a row too); renders with the model's own code, like gvae-bench.
+gvae-refine makes with --no-compare-with-finetune-only (proposals, then the sub-pixel fine-tune kept only if the
+held-out loss does not rise; the fine-tune-only control is a row too), and a line says which of the decoder's
+row and the control gvae-refine keeps by default (the lower held-out loss); renders with the model's own code,
+like gvae-bench.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import argparse
 from pathlib import Path
 
 from gvae_ns.bench.evaluate import evaluate_pipeline, load_pipeline
-from gvae_ns.refine.cli import RefineConfig, build_refiner, finetune_refinement, load_refiner
+from gvae_ns.refine.cli import RefineConfig, build_refiner, finetune_checked, keep_the_better, load_refiner
 from gvae_ns.refine.cli import load_pipeline as load_val_pipeline
 from gvae_ns.refine.finetune import finetune_strategy
 
@@ -55,20 +57,28 @@ def main() -> None:
     controls = load_refiner(run, refiner.scores, "none", config.fraction)
 
     def refined(source, k: int, select: str):
-        refinement = source.refine(k, select)
+        refinement, loss = source.refine(k, select), None
         if args.finetune_steps > 0:
             strategy = finetune_strategy(model.strategy, config.finetune_steps) if config.finetune_densify else None
-            refinement = finetune_refinement(config, run, refinement, views, held_out, strategy=strategy)
+            refinement, loss = finetune_checked(config, run, refinement, views, held_out, strategy=strategy)
         print(f"|   ({refinement.describe()}) | | | |", flush=True)
-        return refinement
+        return refinement, loss
 
+    control_of = {}
     for k in args.stages:
-        model.show_refinement(refined(controls, k, "hessian"))
+        control_of[k] = refined(controls, k, "hessian")
+        model.show_refinement(control_of[k][0])
         report(f"control: fine-tune only at +{k}")
     for select in args.selects:
         for k in args.stages:
-            model.show_refinement(refined(refiner, k, select))
+            refinement, loss = refined(refiner, k, select)
+            model.show_refinement(refinement)
             report(f"{select} +{k} ({args.decoder})")
+            if loss is not None and control_of[k][1] is not None and args.decoder != "none":
+                # what gvae-refine writes by default: the one of the two with the lower held-out loss
+                chosen = keep_the_better(refinement, loss, *control_of[k])
+                print(f"|   gvae-refine's default at {select} +{k}: the "
+                      f"{'fine-tune alone' if chosen is not refinement else args.decoder + ' row'} | | | |", flush=True)
 
 
 if __name__ == "__main__":

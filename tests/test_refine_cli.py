@@ -299,10 +299,12 @@ def test_controls_refine_with_the_fine_tune_and_the_held_out_check(capsys, run, 
     copy = copy_run(run, tmp_path)
     for name in ("vae.pt", "densify_head.pt"):
         (copy / name).unlink(missing_ok=True)
-    code, out, err = cli(capsys, "--load-config", copy / "config.yml", "--decoder", decoder, "--finetune-steps", "5")
+    code, out, err = cli(capsys, "--load-config", copy / "config.yml", "--decoder", decoder, "--finetune-steps", "5",
+                         "--no-compare-with-finetune-only")
     assert code == 0, err
     out = " ".join(out.split())
     assert "fine-tuned 5 steps; held-out loss over" in out and ("kept" in out)
+    assert "fine-tune alone" not in out, "the comparison is off"
     assert not (copy / "vae.pt").exists() and not (copy / "densify_head.pt").exists(), "a control trains nothing"
     _, pipeline, _, _ = eval_setup(copy / "config.yml", test_mode="inference")
     record = pipeline.model.refinement_record
@@ -312,6 +314,37 @@ def test_controls_refine_with_the_fine_tune_and_the_held_out_check(capsys, run, 
     else:
         assert record.num_added == 2 * record.removed.numel() > 0
     assert (copy / REFINEMENT_FILE).is_file()
+
+
+def test_the_refinement_written_is_the_decoders_or_the_fine_tune_alone_whichever_has_the_lower_held_out_loss(
+        capsys, run, tmp_path):
+    """By default the decoder's fine-tuned proposals are weighed against the fine-tune alone on the held-out
+    views; the file holds the one with the lower loss, and the log gives both losses."""
+    import re
+
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    from gvae_ns.refine.finetune import held_out_loss
+
+    copy = copy_run(run, tmp_path)
+    code, out, err = cli(capsys, "--load-config", copy / "config.yml", "--decoder", "split", "--finetune-steps", "5")
+    assert code == 0, err
+    out = " ".join(out.split())
+    losses = re.search(r"(fine-tune alone has the lower held-out loss|proposals hold against the fine-tune alone "
+                       r"on the held-out views) \(([0-9.]+) against ([0-9.]+)", out)
+    assert losses, out
+    first, second = float(losses.group(2)), float(losses.group(3))
+    control_won = losses.group(1).startswith("fine-tune alone")
+    assert (first < second) if control_won else (first <= second), out
+    _, pipeline, _, _ = eval_setup(copy / "config.yml", test_mode="val")
+    record = pipeline.model.refinement_record
+    assert record.decoder == ("none" if control_won else "split")
+    # the file's scene has the loss the log gave for the choice
+    dm = pipeline.datamanager
+    held_out = pipeline.model.scoring_views(dm.eval_dataset.cameras, [d["image"] for d in dm.cached_eval])
+    kept = held_out_loss(record.params, held_out, 2 ** record.steps, trained=record.num_added == 0 and
+                         record.removed.numel() == 0 and not control_won)
+    assert kept == pytest.approx(first, abs=5e-5)
 
 
 @pytest.mark.parametrize("decoder", ["prior", "prior-tuned"])

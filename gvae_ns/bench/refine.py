@@ -71,8 +71,10 @@ def _parse_refine_args(cfg: BenchConfig, default: RefineConfig) -> RefineConfig:
 def refine_config(cfg: BenchConfig, row: RowSpec, config_path: Path) -> RefineConfig:
     """The :class:`~gvae_ns.refine.cli.RefineConfig` that refines ``row`` of the run at ``config_path`` (its config.yml)."""
     decoder = row.refine_decoder or "temporal"
+    # each row measures its own decoder: no swap for the fine-tune alone, which has a row of its own
     refine_cfg = RefineConfig(load_config=config_path, stages=row.extrapolate_stages, select=row.refine_select,
-                              fraction=cfg.refine_fraction, output=refinement_path(cfg.output, row), decoder=decoder)
+                              fraction=cfg.refine_fraction, output=refinement_path(cfg.output, row), decoder=decoder,
+                              compare_with_finetune_only=False)
     refine_cfg = _parse_refine_args(cfg, refine_cfg)
     if refine_cfg.decoder != decoder:
         raise BenchError(f"refine_args {cfg.refine_args!r} set --decoder; list decoders in refine_decoders instead.")

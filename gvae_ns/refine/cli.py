@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Dict, Literal, Optional, Tuple
 
 import torch
+from gsplat.strategy import DefaultStrategy
 from torch import Tensor
 
 from gvae_ns.console import say
@@ -62,6 +63,11 @@ class RefineConfig:
     """Steps of the sub-pixel fine-tune after extrapolation (renders at the target resolution, averaged down,
     against the training views); 0: none. The result is kept only if it does not raise the loss on the run's
     held-out (evaluation) views."""
+    compare_with_finetune_only: bool = True
+    """Also fine-tune the trained scene alone (the no-learning control, --decoder none, the same steps) and keep
+    whichever of the two has the lower held-out loss, so the decoder's proposals are kept only where they beat
+    the control on the held-out views. It doubles the fine-tune's time. gvae-bench turns it off, so that each of
+    its rows measures its own decoder."""
     finetune_densify: bool = False
     """Densify during the fine-tune (the run's thresholds, three rounds). Off by default: on the lego CPU suite
     (2026-12-03) it raised the held-out loss on every refinement, so none was kept."""
@@ -201,9 +207,13 @@ def refine_pipeline(config: RefineConfig, pipeline, step: Optional[int] = None) 
         say(f"gvae-refine: {refinement.describe()} in {elapsed * 1000:.0f} ms")
         if config.finetune_steps > 0:
             held_out = model.scoring_views(dm.eval_dataset.cameras, [d["image"] for d in dm.cached_eval])
-            refinement = finetune_refinement(config, run, refinement, views, held_out, writer_step=int(step or 0),
-                                             strategy=finetune_strategy(model.strategy, config.finetune_steps)
-                                             if config.finetune_densify else None)
+            strategy = finetune_strategy(model.strategy, config.finetune_steps) if config.finetune_densify else None
+            refinement, loss = finetune_checked(config, run, refinement, views, held_out, int(step or 0), strategy)
+            if config.compare_with_finetune_only and config.decoder != "none" and loss is not None:
+                control = load_refiner(run, refiner.scores, "none", config.fraction).refine(config.stages,
+                                                                                           config.select)
+                refinement = keep_the_better(refinement, loss, *finetune_checked(config, run, control, views, held_out,
+                                                                                 int(step or 0), strategy))
             refiner.remember(refinement)
     finally:
         model.train(was_training)
@@ -212,12 +222,32 @@ def refine_pipeline(config: RefineConfig, pipeline, step: Optional[int] = None) 
     return refinement, refiner
 
 
+def keep_the_better(refinement: Refinement, loss: float, control: Refinement, control_loss: float) -> Refinement:
+    """The decoder's fine-tuned ``refinement`` unless the fine-tune-only ``control`` has the strictly lower
+    held-out loss; the choice is said with both losses."""
+    if control_loss < loss:
+        say(f"gvae-refine: the fine-tune alone has the lower held-out loss ({control_loss:.5f} against {loss:.5f} "
+            f"for the {refinement.decoder} decoder's proposals): the refinement is the fine-tune alone "
+            "(--no-compare-with-finetune-only keeps the decoder's)")
+        return control
+    say(f"gvae-refine: the {refinement.decoder} decoder's proposals hold against the fine-tune alone on the "
+        f"held-out views ({loss:.5f} against {control_loss:.5f}): kept")
+    return refinement
+
+
 def finetune_refinement(config: RefineConfig, run: RunState, refinement: Refinement, views: ScoringViews,
                         held_out: ScoringViews, writer_step: int = 0,
                         strategy: Optional[DefaultStrategy] = None) -> Refinement:
     """``refinement`` after the sub-pixel fine-tune (:mod:`gvae_ns.refine.finetune`; ``strategy``: its
     densification) when that does not raise the loss on the ``held_out`` views against the trained scene; else
     the trained scene itself (nothing added)."""
+    return finetune_checked(config, run, refinement, views, held_out, writer_step, strategy)[0]
+
+
+def finetune_checked(config: RefineConfig, run: RunState, refinement: Refinement, views: ScoringViews,
+                     held_out: ScoringViews, writer_step: int = 0,
+                     strategy: Optional[DefaultStrategy] = None) -> Tuple[Refinement, Optional[float]]:
+    """:func:`finetune_refinement` and the held-out loss of what it returns (``None`` without held-out views)."""
     factor = 2 ** int(refinement.steps)
     with phase("Fine-tune", config.finetune_steps, writer_step) as advance:
         params, is_new, kept = finetune(refinement.params, views, factor, config.finetune_steps, seed=config.seed,
@@ -234,7 +264,7 @@ def finetune_refinement(config: RefineConfig, run: RunState, refinement: Refinem
     if len(held_out.images) == 0:
         say("gvae-refine: the run has no held-out (evaluation) views to check the fine-tune on; it is kept unchecked.",
             style="yellow")
-        return tuned
+        return tuned, None
     trained_loss = held_out_loss(run.params, held_out, factor, trained=True)
     tuned_loss = held_out_loss(tuned.params, held_out, factor)
     better = tuned_loss <= trained_loss
@@ -242,11 +272,11 @@ def finetune_refinement(config: RefineConfig, run: RunState, refinement: Refinem
         f"{tuned_loss:.5f} against {trained_loss:.5f} for the trained scene: "
         + ("kept" if better else "not kept, the trained scene is the refinement"))
     if better:
-        return tuned
+        return tuned, tuned_loss
     n = run.num_gaussians
     empty = torch.zeros(0, dtype=torch.long)
     return dataclasses.replace(refinement, params={k: v.detach().cpu() for k, v in run.params.items()},
-                               is_new=torch.zeros(n, dtype=torch.bool), removed=empty)
+                               is_new=torch.zeros(n, dtype=torch.bool), removed=empty), trained_loss
 
 
 def refine_run(config: RefineConfig, pipeline=None) -> Refinement:
