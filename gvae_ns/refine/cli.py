@@ -268,7 +268,8 @@ def finetune_checked(config: RefineConfig, run: RunState, refinement: Refinement
     trained_loss = held_out_loss(run.params, held_out, factor, trained=True)
     tuned_loss = held_out_loss(tuned.params, held_out, factor)
     better = tuned_loss <= trained_loss
-    say(f"gvae-refine: fine-tuned {config.finetune_steps} steps; held-out loss over {len(held_out.images)} views "
+    what = "the trained scene alone" if refinement.decoder == "none" else f"the {refinement.decoder} proposals"
+    say(f"gvae-refine: {what} fine-tuned {config.finetune_steps} steps; held-out loss over {len(held_out.images)} views "
         f"{tuned_loss:.5f} against {trained_loss:.5f} for the trained scene: "
         + ("kept" if better else "not kept, the trained scene is the refinement"))
     if better:
