@@ -8,6 +8,7 @@ point at the copy), so tampering never leaks between tests.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
